@@ -1,0 +1,74 @@
+"""RMT-KD for Hugging Face: cut hidden widths to the directions above the Marchenko–Pastur edge."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from .calibration import ActivationTap, collect_covariances
+from .compression import CompressionReport, analyse_sites, compress_model, format_widths_table, plan_widths
+from .models.rmt_bert import (
+    RMTBertConfig,
+    RMTBertForQuestionAnswering,
+    RMTBertForSequenceClassification,
+    RMTBertForTokenClassification,
+    RMTBertModel,
+)
+from .spectral import (
+    CovarianceAccumulator,
+    MarchenkoPasturFit,
+    eigendecompose,
+    fit_marchenko_pastur,
+    marchenko_pastur_cdf,
+    marchenko_pastur_edges,
+    marchenko_pastur_pdf,
+)
+
+__version__ = "0.1.0"
+
+_AUTO_CLASSES = {
+    "AutoModel": (AutoModel, RMTBertModel),
+    "AutoModelForSequenceClassification": (
+        AutoModelForSequenceClassification,
+        RMTBertForSequenceClassification,
+    ),
+    "AutoModelForTokenClassification": (AutoModelForTokenClassification, RMTBertForTokenClassification),
+    "AutoModelForQuestionAnswering": (AutoModelForQuestionAnswering, RMTBertForQuestionAnswering),
+}
+
+
+def _register_auto_classes() -> None:
+    AutoConfig.register(RMTBertConfig.model_type, RMTBertConfig, exist_ok=True)
+    RMTBertConfig.register_for_auto_class()
+    for auto_name, (auto_class, model_class) in _AUTO_CLASSES.items():
+        auto_class.register(RMTBertConfig, model_class, exist_ok=True)
+        # save_pretrained then copies the modeling files beside the weights (trust_remote_code loading).
+        model_class.register_for_auto_class(auto_name)
+
+
+_register_auto_classes()
+
+__all__ = [
+    "ActivationTap",
+    "CompressionReport",
+    "CovarianceAccumulator",
+    "MarchenkoPasturFit",
+    "RMTBertConfig",
+    "RMTBertForQuestionAnswering",
+    "RMTBertForSequenceClassification",
+    "RMTBertForTokenClassification",
+    "RMTBertModel",
+    "analyse_sites",
+    "collect_covariances",
+    "compress_model",
+    "eigendecompose",
+    "fit_marchenko_pastur",
+    "format_widths_table",
+    "marchenko_pastur_cdf",
+    "marchenko_pastur_edges",
+    "marchenko_pastur_pdf",
+    "plan_widths",
+]

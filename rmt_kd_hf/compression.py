@@ -1,0 +1,213 @@
+"""One-shot RMT-KD compression without training: calibrate → analyse → plan → apply."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .calibration import collect_covariances
+from .spectral import eigendecompose, fit_marchenko_pastur
+from .surgery import get_surgery
+from .surgery.base import Site, SiteAnalysis, count_parameters
+
+logger = logging.get_logger(__name__)
+
+
+def analyse_sites(
+    sites: Iterable[Site], sigma_quantile: float = 0.5, refine: bool = True, progress: bool = False
+) -> dict[str, SiteAnalysis]:
+    """Eigendecompose every site's covariance and fit the Marchenko–Pastur bulk."""
+    analyses = {}
+    for site in logging.tqdm(list(sites), desc="Spectra", disable=not progress, leave=False):
+        eigenvalues, eigenvectors = eigendecompose(site.covariance)
+        try:
+            fit = fit_marchenko_pastur(eigenvalues, site.num_samples, sigma_quantile=sigma_quantile, refine=refine)
+        except ValueError as error:
+            raise ValueError(f"Cannot fit the Marchenko–Pastur law at {site.name}: {error}") from None
+        analyses[site.name] = SiteAnalysis(site, eigenvalues, eigenvectors, fit)
+    return analyses
+
+
+def plan_widths(
+    analyses: Mapping[str, SiteAnalysis],
+    kept_widths: Mapping[str, int] | None = None,
+    keep_all: bool = False,
+    min_width: int = 1,
+) -> dict[str, int]:
+    """Choose ``kept_width`` per site: the number of eigenvalues above λ+, unless overridden.
+
+    Args:
+        kept_widths: explicit widths for some sites (by site name, e.g. ``{"ffn.0": 512}``).
+        keep_all: keep every direction (an exact re-expression; useful to check the surgery).
+        min_width: floor for the RMT choice (never for explicit widths).
+
+    Raises:
+        ValueError: a site would keep 0 directions, or an explicit width is out of range / names no site.
+    """
+    kept_widths = dict(kept_widths or {})
+    unknown = set(kept_widths) - set(analyses)
+    if unknown:
+        raise ValueError(f"kept_widths names unknown sites {sorted(unknown)}; sites are {list(analyses)}")
+    plan = {}
+    for name, analysis in analyses.items():
+        dim = analysis.site.dim
+        if name in kept_widths:
+            width = int(kept_widths[name])
+            if not 1 <= width <= dim:
+                raise ValueError(f"kept_widths[{name!r}] = {width} is outside 1..{dim}")
+        elif keep_all:
+            width = dim
+        else:
+            width = analysis.fit.num_kept
+            if width == 0 and min_width < 1:
+                raise ValueError(
+                    f"No eigenvalue at {name} lies above the Marchenko–Pastur edge λ+ = {analysis.fit.lambda_plus:.4g} "
+                    f"(k = 0): lower sigma_quantile (now {analysis.fit.sigma_quantile}) or set min_width >= 1."
+                )
+            width = min(max(width, min_width), dim)
+        analysis.kept_width = width
+        plan[name] = width
+    return plan
+
+
+@dataclass
+class CompressionReport:
+    """What one compression did, per site: d, n, σ², λ±, k and the eigenvalues.
+
+    ``analyses`` (eigenvectors included) stays in memory only; ``to_dict`` is JSON-friendly.
+    """
+
+    architecture: str
+    sigma_quantile: float
+    refine: bool
+    num_parameters_before: int
+    num_parameters_after: int
+    calibration_samples: int  # tokens (or pixels) seen at the busiest site, padding excluded
+    timings: dict[str, float]
+    analyses: dict[str, SiteAnalysis] = field(repr=False)
+
+    @property
+    def kept_widths(self) -> dict[str, int]:
+        return {name: analysis.kept_width for name, analysis in self.analyses.items()}
+
+    @property
+    def parameter_reduction(self) -> float:
+        return 1.0 - self.num_parameters_after / self.num_parameters_before
+
+    def site_records(self, include_eigenvalues: bool = True) -> list[dict]:
+        records = []
+        for name, analysis in self.analyses.items():
+            record = {
+                "site": name,
+                "kind": analysis.site.kind,
+                "dim": analysis.site.dim,
+                "num_samples": analysis.site.num_samples,
+                "kept_width": analysis.kept_width,
+                **{key: value for key, value in analysis.fit.to_dict().items() if key not in ("dim", "num_samples")},
+            }
+            if include_eigenvalues:
+                record["eigenvalues"] = [float(value) for value in analysis.eigenvalues]
+            records.append(record)
+        return records
+
+    def to_dict(self, include_eigenvalues: bool = True) -> dict:
+        return {
+            "architecture": self.architecture,
+            "sigma_quantile": self.sigma_quantile,
+            "refine": self.refine,
+            "num_parameters_before": self.num_parameters_before,
+            "num_parameters_after": self.num_parameters_after,
+            "parameter_reduction": self.parameter_reduction,
+            "calibration_samples": self.calibration_samples,
+            "timings": self.timings,
+            "sites": self.site_records(include_eigenvalues),
+        }
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as file:
+            json.dump(self.to_dict(), file, indent=2)
+
+
+def compress_model(
+    model: nn.Module,
+    calibration_dataloader: Iterable[Mapping[str, torch.Tensor]],
+    sigma_quantile: float = 0.5,
+    refine: bool = True,
+    *,
+    kept_widths: Mapping[str, int] | None = None,
+    keep_all: bool = False,
+    min_width: int = 1,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, CompressionReport]:
+    """Compress ``model`` once with RMT-KD, without training.
+
+    Calibrates activation covariances at every site over ``calibration_dataloader`` (padding masked), fits the
+    Marchenko–Pastur bulk with σ² initialised at the ``sigma_quantile`` eigenvalue quantile (optionally refined),
+    keeps the directions above λ+, and rewrites the weights.
+
+    Args:
+        model: a supported teacher (``BertModel``, ``BertForSequenceClassification``, ``...TokenClassification``,
+            ``...QuestionAnswering``) or an already compressed ``RMTBert*`` model.
+        calibration_dataloader: batches as the model's ``forward`` takes them (dicts of tensors).
+        sigma_quantile: eigenvalue quantile that initialises σ²; higher keeps fewer directions.
+        refine: refine σ² by a robust fit of the MP bulk.
+        kept_widths, keep_all, min_width: see ``plan_widths``.
+        max_batches: use at most this many calibration batches.
+
+    Returns:
+        ``(compressed_model, report)``; ``compressed_model`` is an ``RMTBert*`` model of the matching head.
+    """
+    surgery = get_surgery(model)
+    start = time.perf_counter()
+    prepared = surgery.prepare(model)
+    accumulators = collect_covariances(prepared, calibration_dataloader, surgery.taps(prepared), max_batches, progress)
+    calibrated = time.perf_counter()
+    sites = surgery.sites(prepared, accumulators)
+    analyses = analyse_sites(sites, sigma_quantile, refine, progress)
+    analysed = time.perf_counter()
+    plan_widths(analyses, kept_widths, keep_all, min_width)
+    compressed = surgery.apply(prepared, analyses)
+    applied = time.perf_counter()
+    report = CompressionReport(
+        architecture=surgery.name,
+        sigma_quantile=sigma_quantile,
+        refine=refine,
+        num_parameters_before=count_parameters(model),
+        num_parameters_after=count_parameters(compressed),
+        calibration_samples=max(accumulator.num_samples for accumulator in accumulators.values()),
+        timings={
+            "calibration_seconds": calibrated - start,
+            "eigendecomposition_and_fit_seconds": analysed - calibrated,
+            "apply_seconds": applied - analysed,
+        },
+        analyses=analyses,
+    )
+    logger.info(
+        "RMT-KD: %d -> %d parameters (%.1f%% fewer)",
+        report.num_parameters_before,
+        report.num_parameters_after,
+        100 * report.parameter_reduction,
+    )
+    return compressed, report
+
+
+def format_widths_table(report: CompressionReport) -> str:
+    """A plain-text table of the per-site widths d -> k with σ² and λ+."""
+    lines = [f"{'site':<14}{'kind':<10}{'d':>6}{'n':>9}{'k':>6}{'sigma2':>12}{'lambda+':>12}"]
+    for record in report.site_records(include_eigenvalues=False):
+        lines.append(
+            f"{record['site']:<14}{record['kind']:<10}{record['dim']:>6}{record['num_samples']:>9}"
+            f"{record['kept_width']:>6}{record['sigma2']:>12.4g}{record['lambda_plus']:>12.4g}"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["CompressionReport", "analyse_sites", "compress_model", "format_widths_table", "plan_widths"]

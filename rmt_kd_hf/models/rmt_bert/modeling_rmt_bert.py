@@ -1,0 +1,459 @@
+"""PyTorch BERT with per-boundary widths chosen by RMT-KD.
+
+This file travels with every compressed checkpoint so that ``trust_remote_code=True`` loads it without
+``rmt_kd_hf`` installed: it imports only torch, the public transformers API and its sibling config.
+
+Shapes: ``batch`` x ``seq`` tokens; the residual stream after boundary ``b`` has ``config.boundary_sizes[b]``
+coordinates (the teacher's stream expressed in an orthonormal basis of its kept directions).
+"""
+
+import torch
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+from .configuration_rmt_bert import RMTBertConfig
+
+
+class RMTLiftedLayerNorm(nn.Module):
+    """LayerNorm of the teacher's ``norm_size``-wide stream, applied to its ``in_features`` kept coordinates.
+
+    With orthonormal bases ``P_in`` (in x norm) and ``P_out`` (out x norm) and ``x = P_inᵀ u``:
+    ``P_out LN(x) = (W u - m g) / s + b`` with ``m = cᵀu / norm``, ``s = sqrt(|u|² / norm - m² + eps)``,
+    ``W = P_out diag(γ) P_inᵀ``, ``c = P_in 1``, ``g = P_out γ``, ``b = P_out β``. Exact for ``x`` in the span of
+    ``P_in``; a per-coordinate LayerNorm in the reduced basis would not be.
+    """
+
+    def __init__(self, in_features: int, out_features: int, norm_size: int, eps: float):
+        super().__init__()
+        self.norm_size = norm_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.mean_direction = nn.Parameter(torch.empty(in_features))
+        self.gain_direction = nn.Parameter(torch.empty(out_features))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mean = hidden_states @ self.mean_direction / self.norm_size
+        variance = hidden_states.pow(2).sum(-1) / self.norm_size - mean.pow(2)
+        inv_std = torch.rsqrt(variance.clamp_min(0.0) + self.eps).unsqueeze(-1)
+        mixed = nn.functional.linear(hidden_states, self.weight)
+        return (mixed - mean.unsqueeze(-1) * self.gain_direction) * inv_std + self.bias
+
+
+class RMTBertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings of width ``embedding_size``, then a lifted LayerNorm."""
+
+    def __init__(self, config: RMTBertConfig):
+        super().__init__()
+        width = config.embedding_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
+        self.LayerNorm = RMTLiftedLayerNorm(width, config.boundary_sizes[0], config.norm_size, config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        seq_length = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = self.position_ids[:, :seq_length]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids)
+        embeddings = embeddings + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class RMTBertSelfAttention(nn.Module):
+    """Multi-head attention reading a ``boundary_sizes[2l]``-wide stream; keeps the teacher's softmax scale."""
+
+    def __init__(self, config: RMTBertConfig, layer_idx: int):
+        super().__init__()
+        width = config.boundary_sizes[2 * layer_idx]
+        self.num_attention_heads = config.num_attention_heads
+        self.query_key_head_size = config.query_key_head_sizes[layer_idx]
+        self.value_head_size = config.value_head_sizes[layer_idx]
+        self.scaling = config.attention_scale
+        self.query = nn.Linear(width, self.num_attention_heads * self.query_key_head_size)
+        self.key = nn.Linear(width, self.num_attention_heads * self.query_key_head_size)
+        self.value = nn.Linear(width, self.num_attention_heads * self.value_head_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def _split_heads(self, states: torch.Tensor, head_size: int) -> torch.Tensor:
+        batch_size, seq_length = states.shape[:2]
+        return states.view(batch_size, seq_length, self.num_attention_heads, head_size).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query = self._split_heads(self.query(hidden_states), self.query_key_head_size)
+        key = self._split_heads(self.key(hidden_states), self.query_key_head_size)
+        value = self._split_heads(self.value(hidden_states), self.value_head_size)
+        dropout = self.dropout.p if self.training else 0.0
+        if output_attentions:
+            scores = torch.matmul(query, key.transpose(-1, -2)) * self.scaling
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = nn.functional.dropout(scores.softmax(-1), p=dropout, training=self.training)
+            context = torch.matmul(probs, value)
+        else:
+            probs = None
+            context = nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling
+            )
+        context = context.transpose(1, 2).reshape(*hidden_states.shape[:2], -1)
+        return context, probs
+
+
+class RMTBertResidualOutput(nn.Module):
+    """``LN(dense(x) + residual)``: the dense writes into the residual's basis, the LayerNorm lifts to the next."""
+
+    def __init__(self, config: RMTBertConfig, in_features: int, residual_boundary: int):
+        super().__init__()
+        residual_width = config.boundary_sizes[residual_boundary]
+        self.dense = nn.Linear(in_features, residual_width)
+        self.LayerNorm = RMTLiftedLayerNorm(
+            residual_width,
+            config.boundary_sizes[residual_boundary + 1],
+            config.norm_size,
+            config.layer_norm_eps,
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class RMTBertAttention(nn.Module):
+    def __init__(self, config: RMTBertConfig, layer_idx: int):
+        super().__init__()
+        self.self = RMTBertSelfAttention(config, layer_idx)
+        heads_width = config.num_attention_heads * config.value_head_sizes[layer_idx]
+        self.output = RMTBertResidualOutput(config, heads_width, residual_boundary=2 * layer_idx)
+
+    def forward(self, hidden_states, attention_mask, output_attentions=False):
+        context, probs = self.self(hidden_states, attention_mask, output_attentions)
+        return self.output(context, hidden_states), probs
+
+
+class RMTBertIntermediate(nn.Module):
+    def __init__(self, config: RMTBertConfig, layer_idx: int):
+        super().__init__()
+        self.dense = nn.Linear(config.boundary_sizes[2 * layer_idx + 1], config.intermediate_sizes[layer_idx])
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class RMTBertLayer(nn.Module):
+    def __init__(self, config: RMTBertConfig, layer_idx: int):
+        super().__init__()
+        self.attention = RMTBertAttention(config, layer_idx)
+        self.intermediate = RMTBertIntermediate(config, layer_idx)
+        self.output = RMTBertResidualOutput(
+            config, config.intermediate_sizes[layer_idx], residual_boundary=2 * layer_idx + 1
+        )
+
+    def forward(self, hidden_states, attention_mask, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, attention_mask, output_attentions)
+        layer_output = self.output(self.intermediate(attention_output), attention_output)
+        return layer_output, probs
+
+
+class RMTBertEncoder(nn.Module):
+    def __init__(self, config: RMTBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([RMTBertLayer(config, i) for i in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states, attention_mask, output_attentions=False, output_hidden_states=False):
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer_module in self.layer:
+            hidden_states, probs = layer_module(hidden_states, attention_mask, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (probs,)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+class RMTBertPooler(nn.Module):
+    def __init__(self, config: RMTBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.boundary_sizes[-1], config.pooler_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class RMTBertPreTrainedModel(PreTrainedModel):
+    config_class = RMTBertConfig
+    base_model_prefix = "bert"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _no_split_modules = ["RMTBertEmbeddings", "RMTBertLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, RMTLiftedLayerNorm):
+            # Identity bases: a plain LayerNorm (γ = 1, β = 0) on the first coordinates.
+            _fill_unless_loaded(module.weight, torch.eye(*module.weight.shape))
+            _fill_unless_loaded(module.bias, torch.zeros(module.bias.shape))
+            _fill_unless_loaded(module.mean_direction, torch.ones(module.mean_direction.shape))
+            _fill_unless_loaded(module.gain_direction, torch.ones(module.gain_direction.shape))
+            return
+        super()._init_weights(module)
+        if isinstance(module, RMTBertEmbeddings):
+            positions = torch.arange(module.position_ids.shape[-1]).expand((1, -1))
+            _fill_unless_loaded(module.position_ids, positions)
+
+
+def _fill_unless_loaded(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    # from_pretrained marks loaded tensors; initialisation must not overwrite them.
+    if not getattr(tensor, "_is_hf_initialized", False):
+        tensor.copy_(value)
+
+
+def _additive_attention_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(batch, seq) 1/0 mask -> (batch, 1, 1, seq) additive mask; None when nothing is masked (faster path)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    blocked = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return blocked
+
+
+class RMTBertModel(RMTBertPreTrainedModel):
+    def __init__(self, config: RMTBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = RMTBertEmbeddings(config)
+        self.encoder = RMTBertEncoder(config)
+        self.pooler = RMTBertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Returns ``last_hidden_state`` (batch, seq, boundary_sizes[-1]) and ``pooler_output`` (batch, pooler_size);
+        ``hidden_states[b]`` has ``boundary_sizes[2b]`` coordinates."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        mask = _additive_attention_mask(attention_mask, embedding_output.dtype)
+        sequence_output, hidden_states, attentions = self.encoder(
+            embedding_output, mask, output_attentions, output_hidden_states
+        )
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        if not return_dict:
+            return tuple(v for v in (sequence_output, pooled_output, hidden_states, attentions) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+
+
+def _sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        return MSELoss()(logits.squeeze(), labels.squeeze()) if num_labels == 1 else MSELoss()(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return CrossEntropyLoss()(logits.view(-1, num_labels), labels.view(-1))
+    return BCEWithLogitsLoss()(logits, labels)
+
+
+class RMTBertForSequenceClassification(RMTBertPreTrainedModel):
+    def __init__(self, config: RMTBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = RMTBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.pooler_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ) -> tuple | SequenceClassifierOutput:
+        """``logits`` (batch, num_labels); ``loss`` when ``labels`` (batch,) are given."""
+        outputs = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = _sequence_classification_loss(self.config, logits, labels) if labels is not None else None
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+
+
+class RMTBertForTokenClassification(RMTBertPreTrainedModel):
+    def __init__(self, config: RMTBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = RMTBertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.boundary_sizes[-1], config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ) -> tuple | TokenClassifierOutput:
+        """``logits`` (batch, seq, num_labels); ``loss`` when ``labels`` (batch, seq) are given."""
+        outputs = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+
+
+class RMTBertForQuestionAnswering(RMTBertPreTrainedModel):
+    def __init__(self, config: RMTBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = RMTBertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.boundary_sizes[-1], config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ) -> tuple | QuestionAnsweringModelOutput:
+        """``start_logits`` and ``end_logits`` (batch, seq); ``loss`` when both positions (batch,) are given."""
+        outputs = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored_index = start_logits.size(1)
+            loss_fct = CrossEntropyLoss(ignore_index=ignored_index)
+            start_loss = loss_fct(start_logits, start_positions.clamp(0, ignored_index))
+            end_loss = loss_fct(end_logits, end_positions.clamp(0, ignored_index))
+            loss = (start_loss + end_loss) / 2
+        output = QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+
+
+__all__ = [
+    "RMTBertForQuestionAnswering",
+    "RMTBertForSequenceClassification",
+    "RMTBertForTokenClassification",
+    "RMTBertModel",
+    "RMTBertPreTrainedModel",
+]

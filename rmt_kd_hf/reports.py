@@ -1,0 +1,67 @@
+"""Measurements a practitioner reads next to a compression: parameter counts and fidelity to the teacher."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .calibration import forward_inputs
+from .compression import CompressionReport
+from .surgery import get_surgery
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """``{"total", "embedding", "non_embedding"}`` parameter counts (embedding = the ``*_embeddings`` tables)."""
+    total = embedding = 0
+    for name, parameter in model.named_parameters():
+        total += parameter.numel()
+        if name.endswith("_embeddings.weight"):
+            embedding += parameter.numel()
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def safetensors_size_mb(directory: str | os.PathLike) -> float:
+    """Size in MB (10^6 bytes) of the ``*.safetensors`` files in ``directory``."""
+    sizes = [entry.stat().st_size for entry in os.scandir(directory) if entry.name.endswith(".safetensors")]
+    return sum(sizes) / 1e6
+
+
+@torch.no_grad()
+def hidden_state_similarity(
+    teacher: nn.Module,
+    student: nn.Module,
+    report: CompressionReport,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+) -> list[float]:
+    """Mean token cosine similarity, per layer output (embeddings first), between teacher and lifted student.
+
+    The student's hidden state at boundary ``2i`` is mapped back to the teacher's coordinates with the basis the
+    compression chose there; padding tokens are excluded.
+
+    Returns:
+        ``num_hidden_layers + 1`` floats.
+    """
+    surgery = get_surgery(student)
+    teacher_model, student_model = teacher.eval(), student.eval()
+    sums, count = None, 0
+    for batch in dataloader:
+        inputs = forward_inputs(teacher_model, batch, next(teacher_model.parameters()).device)
+        teacher_states = teacher_model(**inputs, output_hidden_states=True).hidden_states
+        student_states = student_model(**inputs, output_hidden_states=True).hidden_states
+        lifted = surgery.lift_hidden_states(student_states, report.analyses)
+        mask = inputs["attention_mask"].bool()
+        cosines = [
+            nn.functional.cosine_similarity(reference.to(torch.float64)[mask], approximation[mask], dim=-1).sum()
+            for reference, approximation in zip(teacher_states, lifted, strict=True)
+        ]
+        sums = cosines if sums is None else [a + b for a, b in zip(sums, cosines, strict=True)]
+        count += int(mask.sum())
+    if not count:
+        raise ValueError("hidden_state_similarity needs at least one non-padding token.")
+    return [float(value) / count for value in sums]
+
+
+__all__ = ["hidden_state_similarity", "parameter_counts", "safetensors_size_mb"]

@@ -1,0 +1,19 @@
+"""Architecture families RMT-KD can cut: one module each, all behind ``get_surgery``."""
+
+from torch import nn
+
+from .base import ArchitectureSurgery, Site, SiteAnalysis
+from .bert import BertSurgery, is_bert_family
+
+
+def get_surgery(model: nn.Module) -> ArchitectureSurgery:
+    """The surgery for ``model``'s architecture family; a clear error for anything unsupported."""
+    if is_bert_family(model):
+        return BertSurgery()
+    raise ValueError(
+        f"RMT-KD has no surgery for {type(model).__name__}. Supported: BertModel, BertForSequenceClassification, "
+        "BertForTokenClassification, BertForQuestionAnswering (and their compressed RMTBert* versions)."
+    )
+
+
+__all__ = ["ArchitectureSurgery", "BertSurgery", "Site", "SiteAnalysis", "get_surgery"]

@@ -1,0 +1,125 @@
+"""What every architecture family's surgery provides, and the shared linear algebra."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import nn
+
+from ..calibration import ActivationTap
+from ..spectral import CovarianceAccumulator, MarchenkoPasturFit
+
+SiteKind = Literal["embedding", "residual", "ffn", "channels"]
+
+
+@dataclass
+class Site:
+    """One place whose width RMT-KD chooses, with the statistics the choice is made from.
+
+    Attributes:
+        name: e.g. ``"boundary.3"`` or ``"ffn.1"``.
+        kind: ``"residual"`` sites are rotated to an eigenbasis and truncated; ``"ffn"``/``"channels"`` sites
+            keep a subset of neurons and compensate the next layer by least squares.
+        covariance: (dim, dim) float64 matrix the eigenvalues come from.
+        num_samples: the ``n`` of the Marchenko–Pastur aspect ratio ``dim / n``.
+        mean: (dim,) float64 activation mean (neuron sites: least-squares intercept).
+    """
+
+    name: str
+    kind: SiteKind
+    covariance: torch.Tensor
+    num_samples: int
+    mean: torch.Tensor | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.covariance.shape[0]
+
+
+@dataclass
+class SiteAnalysis:
+    """Eigendecomposition and Marchenko–Pastur fit of one site."""
+
+    site: Site
+    eigenvalues: np.ndarray  # (dim,) descending
+    eigenvectors: np.ndarray  # (dim, dim), column i belongs to eigenvalues[i]
+    fit: MarchenkoPasturFit
+    kept_width: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def basis(self, width: int | None = None) -> np.ndarray:
+        """(width, dim) orthonormal rows: the top-``width`` eigenvectors."""
+        width = self.kept_width if width is None else width
+        return self.eigenvectors[:, :width].T.copy()
+
+
+class ArchitectureSurgery(Protocol):
+    """The interface ``compress_model`` drives: calibrate → analyse → plan → apply."""
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Return the model in the family's compressible form (an exact re-expression of ``model``)."""
+
+    def taps(self, model: nn.Module) -> list[ActivationTap]:
+        """Where calibration reads activations."""
+
+    def sites(self, model: nn.Module, accumulators: dict[str, CovarianceAccumulator]) -> list[Site]:
+        """Turn raw accumulators into the sites whose widths are chosen."""
+
+    def apply(self, model: nn.Module, analyses: dict[str, SiteAnalysis]) -> nn.Module:
+        """Build the compressed model from ``analyses[name].kept_width`` and the eigenvectors."""
+
+
+def select_neurons(analysis: SiteAnalysis, width: int) -> np.ndarray:
+    """Indices (sorted, (width,)) of ``width`` neurons that best span the top-``width`` eigenvectors.
+
+    Column-pivoted QR of the (width x dim) top eigenvector block picks the most linearly independent neurons.
+    """
+    if width >= analysis.site.dim:
+        return np.arange(analysis.site.dim)
+    _, _, pivots = scipy.linalg.qr(analysis.eigenvectors[:, :width].T, mode="economic", pivoting=True)
+    return np.sort(pivots[:width])
+
+
+def least_squares_compensation(
+    covariance: np.ndarray, mean: np.ndarray, kept: np.ndarray, ridge: float = 1e-8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best affine reconstruction of all neurons from the kept ones: ``a ≈ C a[kept] + c0``.
+
+    Args:
+        covariance: (dim, dim) uncentred second moment E[a aᵀ].
+        mean: (dim,) E[a].
+        kept: (width,) indices of the kept neurons.
+        ridge: relative Tikhonov term (times trace/width of the kept block); tiny so that exact cases stay exact.
+
+    Returns:
+        ``C`` (dim, width) and ``c0`` (dim,). Fold them into the next layer: ``W' = W C``, ``b' = b + W c0``.
+    """
+    dim, width = covariance.shape[0], len(kept)
+    if width == dim:
+        return np.eye(dim), np.zeros(dim)
+    gram = np.empty((width + 1, width + 1))
+    gram[:width, :width] = covariance[np.ix_(kept, kept)]
+    gram[:width, width] = gram[width, :width] = mean[kept]
+    gram[width, width] = 1.0
+    gram[:width, :width] += np.eye(width) * ridge * max(np.trace(gram[:width, :width]) / width, 1e-30)
+    cross = np.concatenate([covariance[:, kept], mean[:, None]], axis=1)  # (dim, width + 1)
+    solution = scipy.linalg.solve(gram, cross.T, assume_a="pos").T
+    return solution[:, :width], solution[:, width]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+__all__ = [
+    "ArchitectureSurgery",
+    "Site",
+    "SiteAnalysis",
+    "count_parameters",
+    "least_squares_compensation",
+    "select_neurons",
+]

@@ -1,0 +1,59 @@
+import json
+
+import torch
+from transformers import BertForSequenceClassification
+
+from rmt_kd_hf import compress_model, format_widths_table
+
+from .conftest import tiny_bert_config
+
+
+def test_report_holds_per_site_statistics_and_serialises(batches):
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config()).eval()
+    _, report = compress_model(teacher, batches, sigma_quantile=0.5, progress=False)
+    data = json.loads(json.dumps(report.to_dict()))
+    names = [site["site"] for site in data["sites"]]
+    assert names == ["embeddings", *[f"boundary.{b}" for b in range(5)], "ffn.0", "ffn.1"]
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    for site in data["sites"]:
+        assert {
+            "dim",
+            "num_samples",
+            "sigma2",
+            "lambda_plus",
+            "lambda_minus",
+            "kept_width",
+            "eigenvalues",
+        } <= set(site)
+        assert len(site["eigenvalues"]) == site["dim"]
+        assert site["lambda_plus"] > site["sigma2"] > site["lambda_minus"] >= 0
+        expected_samples = tokens + 120 if site["site"] == "embeddings" else tokens  # + vocabulary rows
+        assert site["num_samples"] == expected_samples
+    assert data["num_parameters_after"] < data["num_parameters_before"]
+    assert set(data["timings"]) == {
+        "calibration_seconds",
+        "eigendecomposition_and_fit_seconds",
+        "apply_seconds",
+    }
+    table = format_widths_table(report)
+    assert "boundary.4" in table and "ffn.1" in table
+
+
+def test_higher_quantile_keeps_fewer_directions(batches):
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config()).eval()
+    widths = []
+    for quantile in (0.25, 0.5, 0.75):
+        _, report = compress_model(teacher, batches, sigma_quantile=quantile, progress=False)
+        widths.append(sum(report.kept_widths.values()))
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_compression_is_deterministic(batches):
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config()).eval()
+    first, _ = compress_model(teacher, batches, progress=False)
+    second, _ = compress_model(teacher, batches, progress=False)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
