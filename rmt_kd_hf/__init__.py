@@ -10,6 +10,7 @@ from transformers import (
 
 from .calibration import ActivationTap, collect_covariances
 from .compression import CompressionReport, analyse_sites, compress_model, format_widths_table, plan_widths
+from .config import RMTKDConfig
 from .models.rmt_bert import (
     RMTBertConfig,
     RMTBertForQuestionAnswering,
@@ -26,6 +27,7 @@ from .spectral import (
     marchenko_pastur_edges,
     marchenko_pastur_pdf,
 )
+from .trainer import RMTKDTrainer, distillation_loss
 
 __version__ = "0.1.0"
 
@@ -61,9 +63,12 @@ __all__ = [
     "RMTBertForSequenceClassification",
     "RMTBertForTokenClassification",
     "RMTBertModel",
+    "RMTKDConfig",
+    "RMTKDTrainer",
     "analyse_sites",
     "collect_covariances",
     "compress_model",
+    "distillation_loss",
     "eigendecompose",
     "fit_marchenko_pastur",
     "format_widths_table",

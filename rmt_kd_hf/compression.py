@@ -35,6 +35,21 @@ def analyse_sites(
     return analyses
 
 
+def refit_sites(
+    analyses: Mapping[str, SiteAnalysis], sigma_quantile: float, refine: bool = True
+) -> dict[str, SiteAnalysis]:
+    """Fit the Marchenko–Pastur law again at another quantile, reusing the eigendecompositions."""
+    return {
+        name: SiteAnalysis(
+            analysis.site,
+            analysis.eigenvalues,
+            analysis.eigenvectors,
+            fit_marchenko_pastur(analysis.eigenvalues, analysis.site.num_samples, sigma_quantile, refine),
+        )
+        for name, analysis in analyses.items()
+    }
+
+
 def plan_widths(
     analyses: Mapping[str, SiteAnalysis],
     kept_widths: Mapping[str, int] | None = None,

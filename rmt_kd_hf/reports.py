@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -64,4 +66,33 @@ def hidden_state_similarity(
     return [float(value) / count for value in sums]
 
 
-__all__ = ["hidden_state_similarity", "parameter_counts", "safetensors_size_mb"]
+@torch.inference_mode()
+def cpu_latency(
+    model: nn.Module,
+    batch_size: int = 1,
+    sequence_length: int = 128,
+    repeats: int = 20,
+    warmup: int = 3,
+    vocab_size: int | None = None,
+) -> float:
+    """Median wall time in seconds of one forward pass on random token ids of shape (batch_size, sequence_length).
+
+    The attention mask is all ones (the models skip it then, as transformers' BERT does). Compare models only
+    within one process run, one after the other, with nothing else running.
+    """
+    model = model.eval()
+    vocab_size = vocab_size or model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1, vocab_size, (batch_size, sequence_length), generator=generator)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    for _ in range(warmup):
+        model(**inputs)
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(**inputs)
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+__all__ = ["cpu_latency", "hidden_state_similarity", "parameter_counts", "safetensors_size_mb"]

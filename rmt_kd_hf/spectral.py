@@ -32,7 +32,8 @@ __all__ = [
 _CDF_GRID_SIZE = 16385
 # Step of the log σ² lattice searched by the refinement (0.1 %). A lattice fixed in absolute terms (not
 # relative to the initial value) makes the refined σ² monotone in the quantile that sets the search window.
-_CLAMP_TOLERANCE = 0.01  # a refined σ² within 1% of a clamp bound counts as "on the clamp"
+_CLAMP_TOLERANCE = 0.05  # a refined σ² within 5% of a clamp bound counts as "on the clamp"
+_MAX_REFINED_KS_DISTANCE = 0.1  # above this the MP law does not describe the bulk: keep the quantile start
 _LOG_SIGMA2_STEP = 0.001
 
 
@@ -309,13 +310,10 @@ def fit_marchenko_pastur(
     sigma2, refine_note = sigma2_init, ""
     if refine:
         sigma2 = _refine_sigma2(nonzero, aspect_ratio, sigma2_init, (low, high), num_bins)
-        # Heavy-tailed spectra without an MP bulk drive the fit to the clamp; then the fit says nothing about
-        # the noise level and the quantile start is the honest answer.
-        if not low * (1 + _CLAMP_TOLERANCE) < sigma2 / sigma2_init < high / (1 + _CLAMP_TOLERANCE):
-            refine_note = (
-                f"rejected: the best MP fit (sigma2 = {sigma2:.4g}) lies on the clamp "
-                f"[{low}, {high}] x {sigma2_init:.4g}; no MP bulk near the quantile start"
-            )
+        # Heavy-tailed spectra without an MP bulk (real activations) drive the fit to the clamp or fit badly;
+        # then the fit says nothing about the noise level and the quantile start is the honest answer.
+        refine_note = _refinement_rejection(nonzero, aspect_ratio, sigma2, sigma2_init, (low, high))
+        if refine_note:
             sigma2 = sigma2_init
     lambda_minus, lambda_plus = marchenko_pastur_edges(sigma2, aspect_ratio)
     return MarchenkoPasturFit(
@@ -333,6 +331,21 @@ def fit_marchenko_pastur(
         bulk_ks_distance=_bulk_ks_distance(nonzero, sigma2, aspect_ratio),
         refine_note=refine_note,
     )
+
+
+def _refinement_rejection(
+    nonzero: np.ndarray, aspect_ratio: float, sigma2: float, sigma2_init: float, bounds: tuple[float, float]
+) -> str:
+    """Why a refined σ² should not be used ('' when it should): on the clamp, or a poor bulk fit."""
+    low, high = bounds
+    if not low * (1 + _CLAMP_TOLERANCE) < sigma2 / sigma2_init < high / (1 + _CLAMP_TOLERANCE):
+        return (
+            f"rejected: the best MP fit (sigma2 = {sigma2:.4g}) lies on the clamp [{low}, {high}] x {sigma2_init:.4g}"
+        )
+    ks_distance = _bulk_ks_distance(nonzero, sigma2, aspect_ratio)
+    if ks_distance > _MAX_REFINED_KS_DISTANCE:
+        return f"rejected: the refined MP law fits the bulk poorly (KS distance {ks_distance:.3f})"
+    return ""
 
 
 def _validated_eigenvalues(eigenvalues: np.ndarray | torch.Tensor | Sequence[float]) -> np.ndarray:

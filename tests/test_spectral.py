@@ -397,3 +397,13 @@ def test_all_reduce_sums_statistics_across_processes(tmp_path):
         assert acc.num_samples == 3
         torch.testing.assert_close(acc.sum_outer, torch.full((3, 3), 1.0 + 2 * 4.0, dtype=torch.float64))
         torch.testing.assert_close(acc.sum, torch.full((3,), 1.0 + 2 * 2.0, dtype=torch.float64))
+
+
+def test_refinement_is_rejected_without_an_mp_bulk():
+    # A power-law spectrum has no Marchenko–Pastur bulk: the refined σ² must fall back to the quantile start.
+    eigenvalues = 1.0 / np.arange(1, 385) ** 1.5
+    fit = fit_marchenko_pastur(eigenvalues, num_samples=20_000, sigma_quantile=0.5, refine=True)
+    assert not fit.refined and fit.refine_note.startswith("rejected")
+    assert fit.sigma2 == fit.sigma2_init
+    unrefined = fit_marchenko_pastur(eigenvalues, num_samples=20_000, sigma_quantile=0.5, refine=False)
+    assert fit.num_kept == unrefined.num_kept

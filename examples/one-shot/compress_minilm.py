@@ -111,7 +111,7 @@ def save_and_reload(args, row, tokenizer, probe) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(OneShotArguments).parse_args_into_dataclasses(args=argv)
-    logging.set_verbosity_info()
+    logging.set_verbosity_warning()
     set_seed(args.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model_path = args.model_name_or_path or default_teacher_path()

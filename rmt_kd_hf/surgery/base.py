@@ -72,6 +72,12 @@ class ArchitectureSurgery(Protocol):
     def apply(self, model: nn.Module, analyses: dict[str, SiteAnalysis]) -> nn.Module:
         """Build the compressed model from ``analyses[name].kept_width`` and the eigenvectors."""
 
+    def compressed_config(self, model: nn.Module, widths: dict[str, int]):
+        """The config ``apply`` would give ``model`` for these per-site widths (cheap: no weights)."""
+
+    def stages(self, model: nn.Module) -> list[list[str]]:
+        """Site names grouped into per-layer stages, shallow to deep."""
+
 
 def select_neurons(analysis: SiteAnalysis, width: int) -> np.ndarray:
     """Indices (sorted, (width,)) of ``width`` neurons that best span the top-``width`` eigenvectors.
@@ -115,11 +121,18 @@ def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
+def count_parameters_for_config(model_class: type, config) -> int:
+    """Parameters of ``model_class(config)``, built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        return count_parameters(model_class(config))
+
+
 __all__ = [
     "ArchitectureSurgery",
     "Site",
     "SiteAnalysis",
     "count_parameters",
+    "count_parameters_for_config",
     "least_squares_compensation",
     "select_neurons",
 ]

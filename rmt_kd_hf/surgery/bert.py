@@ -179,7 +179,7 @@ class _Rewriter:
         self.set(f"{name}.bias", basis_out @ bias)
 
 
-def _ffn_rewrite(rewriter: _Rewriter, layer: int, analysis: SiteAnalysis, basis_mid: torch.Tensor) -> int:
+def _ffn_rewrite(rewriter: _Rewriter, layer: int, analysis: SiteAnalysis, basis_mid: torch.Tensor) -> None:
     base = f"encoder.layer.{layer}"
     width = analysis.kept_width
     kept = select_neurons(analysis, width)
@@ -202,7 +202,25 @@ def _ffn_rewrite(rewriter: _Rewriter, layer: int, analysis: SiteAnalysis, basis_
         bias=rewriter.get(f"{base}.output.dense.bias") + output_weight @ intercept,
     )
     analysis.extra["kept_neurons"] = kept.tolist()
-    return width
+
+
+def compressed_config(model: RMTBertPreTrainedModel, widths: dict[str, int]) -> RMTBertConfig:
+    """The config of ``model`` cut to ``widths`` (site name -> kept width)."""
+    num_layers = model.config.num_hidden_layers
+    config = RMTBertConfig.from_dict(model.config.to_dict())
+    config.embedding_size = widths["embeddings"]
+    config.boundary_sizes = [widths[f"boundary.{b}"] for b in range(2 * num_layers + 1)]
+    config.intermediate_sizes = [widths[f"ffn.{layer}"] for layer in range(num_layers)]
+    config.hidden_size = config.boundary_sizes[-1]
+    return config
+
+
+def layer_stages(model: RMTBertPreTrainedModel) -> list[list[str]]:
+    """Sites grouped by layer, shallow to deep: the embeddings (and their LayerNorm output) first."""
+    stages = [["embeddings", "boundary.0"]]
+    for layer in range(model.config.num_hidden_layers):
+        stages.append([f"boundary.{2 * layer + 1}", f"ffn.{layer}", f"boundary.{2 * layer + 2}"])
+    return stages
 
 
 def apply_bert_bases(model: RMTBertPreTrainedModel, analyses: dict[str, SiteAnalysis]) -> RMTBertPreTrainedModel:
@@ -218,7 +236,6 @@ def apply_bert_bases(model: RMTBertPreTrainedModel, analyses: dict[str, SiteAnal
     for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         rewriter.set(f"embeddings.{table}.weight", rewriter.get(f"embeddings.{table}.weight") @ embedding_basis.T)
     rewriter.lifted_norm("embeddings.LayerNorm", embedding_basis, bases[0])
-    intermediate_sizes = []
     for layer in range(num_layers):
         base = f"encoder.layer.{layer}"
         basis_in, basis_mid, basis_out = bases[2 * layer], bases[2 * layer + 1], bases[2 * layer + 2]
@@ -226,16 +243,13 @@ def apply_bert_bases(model: RMTBertPreTrainedModel, analyses: dict[str, SiteAnal
             rewriter.read(f"{base}.attention.self.{projection}", basis_in)
         rewriter.write(f"{base}.attention.output.dense", basis_in)
         rewriter.lifted_norm(f"{base}.attention.output.LayerNorm", basis_in, basis_mid)
-        intermediate_sizes.append(_ffn_rewrite(rewriter, layer, analyses[f"ffn.{layer}"], basis_mid))
+        _ffn_rewrite(rewriter, layer, analyses[f"ffn.{layer}"], basis_mid)
         rewriter.lifted_norm(f"{base}.output.LayerNorm", basis_mid, basis_out)
     if f"{prefix}pooler.dense.weight" in rewriter.source:
         rewriter.read("pooler.dense", bases[-1])
 
-    new_config = RMTBertConfig.from_dict(config.to_dict())
-    new_config.embedding_size = embedding_basis.shape[0]
-    new_config.boundary_sizes = [basis.shape[0] for basis in bases]
-    new_config.intermediate_sizes = intermediate_sizes
-    new_config.hidden_size = new_config.boundary_sizes[-1]
+    widths = {name: analysis.kept_width for name, analysis in analyses.items()}
+    new_config = compressed_config(model, widths)
     compressed = type(model)(new_config)
     state = {name: tensor.to(dtype) for name, tensor in rewriter.state.items()}
     for name, tensor in model.state_dict().items():  # heads: read the last boundary or pass through
@@ -268,6 +282,12 @@ class BertSurgery:
 
     def apply(self, model, analyses) -> RMTBertPreTrainedModel:
         return apply_bert_bases(model, analyses)
+
+    def compressed_config(self, model, widths: dict[str, int]) -> RMTBertConfig:
+        return compressed_config(model, widths)
+
+    def stages(self, model) -> list[list[str]]:
+        return layer_stages(model)
 
     def lift_hidden_states(self, hidden_states: tuple[torch.Tensor, ...], analyses) -> list[torch.Tensor]:
         """Map the compressed model's per-layer hidden states back to the input model's coordinates."""

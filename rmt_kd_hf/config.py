@@ -1,0 +1,119 @@
+"""``RMTKDConfig``: ``TrainingArguments`` plus the knobs of RMT-KD's compress-and-distil loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class RMTKDConfig(TrainingArguments):
+    r"""
+    Configuration of [`RMTKDTrainer`]. Every `TrainingArguments` field keeps its meaning; the optimiser settings
+    (learning rate, batch size, ...) are used by each distillation stage.
+
+    Args:
+        calibration_fraction (`float`, defaults to `0.1`):
+            Fraction of the training set (seeded by `seed`) whose activations estimate the covariances.
+        calibration_max_samples (`int`, *optional*):
+            Cap on the number of calibration rows.
+        sigma_quantile (`float`, defaults to `0.5`):
+            Eigenvalue quantile that initialises the Marchenko–Pastur σ²; higher keeps fewer directions.
+        mp_refine (`bool`, defaults to `True`):
+            Refine σ² by a robust fit of the MP bulk (kept at the quantile when no bulk is found).
+        distillation_alpha (`float`, defaults to `0.7`):
+            Weight of the task loss: `L = α·CE + (1 − α)·T²·KL(p_old ‖ p_new)`.
+        distillation_temperature (`float`, defaults to `1.0`):
+            Softmax temperature `T` of the distillation term.
+        max_metric_drop (`float`, defaults to `0.01`):
+            A stage is rolled back when its validation metric falls more than this below the teacher's
+            (absolute: 0.01 = one accuracy point).
+        compression_metric (`str`, defaults to `"accuracy"`):
+            Validation metric (a key of `compute_metrics`, without `eval_`) checked against the floor.
+        target_parameter_ratio (`float`, *optional*):
+            Stop once the model has at most this fraction of the teacher's parameters. With `budget_search`,
+            the quantile of every stage is chosen by bisection to reach it.
+        target_latency_ratio (`float`, *optional*):
+            Stop once CPU latency (batch `latency_batch_size`, `latency_sequence_length` tokens) is at most this
+            fraction of the teacher's.
+        compression_schedule (`str`, defaults to `"one_shot"`):
+            `"one_shot"`: every site in one stage; `"per_layer"`: one stage per layer (embeddings first).
+        stage_order (`str`, defaults to `"shallow_to_deep"`):
+            Order of per-layer stages.
+        stage_max_steps (`int`, defaults to `300`):
+            Distillation steps after each projection.
+        max_stages (`int`, *optional*):
+            Stop after this many accepted stages.
+        budget_search (`bool`, defaults to `True`):
+            With `target_parameter_ratio`, choose each stage's quantile by bisection instead of `sigma_quantile`.
+        min_width (`int`, defaults to `1`):
+            No site is cut below this width.
+    """
+
+    calibration_fraction: float = field(default=0.1, metadata={"help": "Fraction of train rows used to calibrate."})
+    calibration_max_samples: int | None = field(default=None, metadata={"help": "Cap on calibration rows."})
+    sigma_quantile: float = field(default=0.5, metadata={"help": "Eigenvalue quantile that initialises σ²."})
+    mp_refine: bool = field(default=True, metadata={"help": "Refine σ² by fitting the MP bulk."})
+    distillation_alpha: float = field(default=0.7, metadata={"help": "Task-loss weight α in α·CE + (1−α)·KL."})
+    distillation_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature T."})
+    max_metric_drop: float = field(
+        default=0.01, metadata={"help": "Roll a stage back when the metric drops more than this below the teacher."}
+    )
+    compression_metric: str = field(default="accuracy", metadata={"help": "Validation metric checked per stage."})
+    target_parameter_ratio: float | None = field(
+        default=None, metadata={"help": "Stop at this fraction of the teacher's parameters (e.g. 0.4)."}
+    )
+    target_latency_ratio: float | None = field(
+        default=None, metadata={"help": "Stop at this fraction of the teacher's CPU latency (e.g. 0.5)."}
+    )
+    compression_schedule: Literal["one_shot", "per_layer"] = field(
+        default="one_shot", metadata={"help": "'one_shot' (all sites at once) or 'per_layer' stages."}
+    )
+    stage_order: Literal["shallow_to_deep", "deep_to_shallow"] = field(
+        default="shallow_to_deep", metadata={"help": "Order of per-layer stages."}
+    )
+    stage_max_steps: int = field(default=300, metadata={"help": "Distillation steps after each projection."})
+    max_stages: int | None = field(default=None, metadata={"help": "Stop after this many accepted stages."})
+    budget_search: bool = field(
+        default=True, metadata={"help": "With a parameter target, pick each stage's quantile by bisection."}
+    )
+    min_width: int = field(default=1, metadata={"help": "No site is cut below this width."})
+    latency_batch_size: int = field(default=1, metadata={"help": "Batch size of the latency stop rule."})
+    latency_sequence_length: int = field(default=128, metadata={"help": "Sequence length of the latency rule."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = {
+            "calibration_fraction": 0.0 < self.calibration_fraction <= 1.0,
+            "sigma_quantile": 0.0 < self.sigma_quantile < 1.0,
+            "distillation_alpha": 0.0 <= self.distillation_alpha <= 1.0,
+            "distillation_temperature": self.distillation_temperature > 0.0,
+            "max_metric_drop": self.max_metric_drop >= 0.0,
+            "stage_max_steps": self.stage_max_steps >= 0,
+            "min_width": self.min_width >= 1,
+            "target_parameter_ratio": self.target_parameter_ratio is None or 0.0 < self.target_parameter_ratio < 1.0,
+            "target_latency_ratio": self.target_latency_ratio is None or 0.0 < self.target_latency_ratio < 1.0,
+            "compression_schedule": self.compression_schedule in ("one_shot", "per_layer"),
+            "stage_order": self.stage_order in ("shallow_to_deep", "deep_to_shallow"),
+        }
+        expected = {
+            "calibration_fraction": "in (0, 1]",
+            "sigma_quantile": "in (0, 1)",
+            "distillation_alpha": "in [0, 1]",
+            "distillation_temperature": "> 0",
+            "max_metric_drop": ">= 0",
+            "stage_max_steps": ">= 0",
+            "min_width": ">= 1",
+            "target_parameter_ratio": "in (0, 1) or None",
+            "target_latency_ratio": "in (0, 1) or None",
+            "compression_schedule": "'one_shot' or 'per_layer'",
+            "stage_order": "'shallow_to_deep' or 'deep_to_shallow'",
+        }
+        for name, valid in checks.items():
+            if not valid:
+                raise ValueError(f"{name} must be {expected[name]}, got {getattr(self, name)!r}")
+
+
+__all__ = ["RMTKDConfig"]

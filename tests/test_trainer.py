@@ -1,0 +1,187 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, default_data_collator
+
+from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
+from rmt_kd_hf.trainer import HISTORY_FILENAME, distillation_loss
+
+from .conftest import tiny_bert_config
+
+
+def test_distillation_loss_matches_a_hand_computation():
+    student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 1.0]])
+    teacher = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    alpha, temperature = 0.7, 2.0
+    ce = np.mean(
+        [-np.log(np.exp(s[y]) / np.exp(s).sum()) for s, y in zip(student.numpy(), labels.numpy(), strict=True)]
+    )
+    kl = 0.0
+    for s, t in zip(student.numpy() / temperature, teacher.numpy() / temperature, strict=True):
+        p_old, p_new = np.exp(t) / np.exp(t).sum(), np.exp(s) / np.exp(s).sum()
+        kl += np.sum(p_old * np.log(p_old / p_new))
+    expected = alpha * ce + (1 - alpha) * temperature**2 * kl / 2
+    actual = distillation_loss(student, teacher, labels, alpha, temperature)
+    assert actual.item() == pytest.approx(expected, rel=1e-6)
+    # alpha = 1 is plain cross-entropy; identical logits make the KL term vanish
+    assert distillation_loss(student, student, labels, 0.0, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distillation_loss_ignores_padding_labels_and_handles_regression():
+    student, teacher = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    labels = torch.tensor([[0, 1, -100, -100], [2, -100, -100, 1]])
+    keep = labels.reshape(-1) != -100
+    expected = distillation_loss(student.reshape(-1, 3)[keep], teacher.reshape(-1, 3)[keep], labels.reshape(-1)[keep])
+    assert distillation_loss(student, teacher, labels).item() == pytest.approx(expected.item())
+    student_r, teacher_r, target = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [2.0]]), torch.tensor([1.0, 1.0])
+    assert distillation_loss(student_r, teacher_r, target, 0.5).item() == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
+
+
+def token_task(num_rows: int, seed: int) -> Dataset:
+    """Label 1 when token 7 appears in the sequence: learnable by a tiny BERT in a few dozen steps."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(8, 120, (num_rows, 12), generator=generator)
+    labels = torch.randint(0, 2, (num_rows,), generator=generator)
+    positions = torch.randint(1, 12, (num_rows,), generator=generator)
+    input_ids[labels == 1, positions[labels == 1]] = 7
+    input_ids[:, 0] = 1
+    return Dataset.from_dict(
+        {
+            "input_ids": input_ids.tolist(),
+            "attention_mask": torch.ones_like(input_ids).tolist(),
+            "labels": labels.tolist(),
+        }
+    )
+
+
+def accuracy(eval_prediction):
+    return {"accuracy": float((eval_prediction.predictions.argmax(-1) == eval_prediction.label_ids).mean())}
+
+
+def make_trainer(tmp_path, compute_metrics=accuracy, **overrides):
+    torch.manual_seed(0)
+    fields = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        learning_rate=3e-3,
+        stage_max_steps=10,
+        max_steps=60,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    fields.update(overrides)
+    args = RMTKDConfig(**fields)
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=2))
+    return RMTKDTrainer(
+        model=model,
+        args=args,
+        train_dataset=token_task(320, 0),
+        eval_dataset=token_task(128, 1),
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("run")
+    trainer = make_trainer(tmp_path, sigma_quantile=0.6, max_metric_drop=0.5)
+    trainer.train()  # fine-tune the teacher first
+    teacher_parameters = sum(p.numel() for p in trainer.model.parameters())
+    model = trainer.compress()
+    return trainer, model, teacher_parameters
+
+
+def test_compress_accepts_a_stage_saves_a_loadable_model_and_history(trained_run):
+    trainer, model, teacher_parameters = trained_run
+    output_dir = trainer.args.output_dir
+    history = json.load(open(os.path.join(output_dir, HISTORY_FILENAME)))
+    assert history["stages"][0]["status"] == "accepted"
+    stage = history["stages"][0]
+    assert set(stage["sites"]) == {"embeddings", *[f"boundary.{b}" for b in range(5)], "ffn.0", "ffn.1"}
+    assert stage["num_parameters"] < teacher_parameters == history["teacher"]["num_parameters"]
+    assert len(history["calibration"]["row_ids_sha256"]) == 64 and history["calibration"]["num_rows"] == 32
+    reloaded = AutoModelForSequenceClassification.from_pretrained(output_dir)
+    batch = default_data_collator([trainer.eval_dataset[i] for i in range(8)])
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_a_stage_below_the_floor_is_rolled_back(tmp_path):
+    values = iter([0.9, 0.5])  # teacher, then the compressed candidate
+
+    def falling_metric(_):
+        return {"accuracy": next(values)}
+
+    trainer = make_trainer(tmp_path, compute_metrics=falling_metric, max_metric_drop=0.01, stage_max_steps=2)
+    teacher = trainer.model
+    model = trainer.compress()
+    history = trainer.compression_history
+    assert history["stages"][0]["status"].startswith("rolled back")
+    assert model.config.boundary_sizes == [48] * 5  # the teacher's widths, in its RMT form
+    batch = default_data_collator([trainer.eval_dataset[i] for i in range(4)])
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, teacher.eval()(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_nothing_left_to_cut_skips_every_stage(tmp_path):
+    trainer = make_trainer(tmp_path, min_width=10_000, compression_schedule="per_layer", stage_max_steps=1)
+    trainer.compress()
+    statuses = [stage["status"] for stage in trainer.compression_history["stages"]]
+    assert len(statuses) == 3 and all(status.startswith("skipped: nothing above") for status in statuses)
+
+
+def test_budget_mode_meets_the_parameter_target(tmp_path):
+    trainer = make_trainer(tmp_path, target_parameter_ratio=0.6, stage_max_steps=2, max_metric_drop=1.0)
+    trainer.compress()
+    history = trainer.compression_history
+    ratio = history["final"]["num_parameters"] / history["teacher"]["num_parameters"]
+    assert 0.45 < ratio <= 0.6
+    assert history["stages"][0]["sigma_quantile"] != 0.5  # chosen by bisection
+
+
+def test_per_layer_schedule_stops_when_the_target_is_met(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        compression_schedule="per_layer",
+        target_parameter_ratio=0.95,
+        budget_search=False,
+        sigma_quantile=0.9,
+        stage_max_steps=2,
+        max_metric_drop=1.0,
+    )
+    trainer.compress()
+    stages = trainer.compression_history["stages"]
+    assert stages[-1]["status"] == "accepted" and stages[-1]["parameter_ratio"] <= 0.95
+    assert len(stages) < 3  # stopped before the last layer
+    assert list(stages[0]["sites"]) == ["embeddings", "boundary.0"]
+
+
+def test_unreachable_target_is_a_clear_error(tmp_path):
+    trainer = make_trainer(tmp_path, target_parameter_ratio=0.01)
+    with pytest.raises(ValueError, match="cannot be met"):
+        trainer.compress()
+    assert not os.path.exists(os.path.join(tmp_path, "out", "config.json"))
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="sigma_quantile must be in"):
+        RMTKDConfig(output_dir=str(tmp_path), sigma_quantile=1.5)
+    with pytest.raises(ValueError, match="distillation_alpha"):
+        RMTKDConfig(output_dir=str(tmp_path), distillation_alpha=-0.1)
+    with pytest.raises(TypeError, match="RMTKDConfig"):
+        from transformers import TrainingArguments
+
+        RMTKDTrainer(BertForSequenceClassification(tiny_bert_config()), TrainingArguments(output_dir=str(tmp_path)))
