@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rmt-kd-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow lint format demo clean
+.PHONY: install test test-slow lint format demo one-shot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,10 @@ test-slow: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) examples/one-shot/compress_minilm.py --output_dir outputs/demo
+	HF_HUB_OFFLINE=1 $(PY) examples/text-classification/movie_review_demo.py --output_dir outputs/demo
+
+one-shot: install
+	HF_HUB_OFFLINE=1 $(PY) examples/one-shot/compress_minilm.py --output_dir outputs/one-shot
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.utils import logging
@@ -48,6 +49,22 @@ def refit_sites(
         )
         for name, analysis in analyses.items()
     }
+
+
+def randomize_directions(analyses: Mapping[str, SiteAnalysis], seed: int = 0) -> dict[str, SiteAnalysis]:
+    """Ablation: the same widths and fits, but random orthonormal directions instead of the eigenvectors.
+
+    Residual sites then keep a random k-dimensional subspace; neuron sites keep random neurons (pivoted QR on
+    random directions), with the same least-squares compensation.
+    """
+    generator = np.random.default_rng(seed)
+    randomized = {}
+    for name, analysis in analyses.items():
+        orthogonal, _ = np.linalg.qr(generator.standard_normal((analysis.site.dim, analysis.site.dim)))
+        randomized[name] = SiteAnalysis(
+            analysis.site, analysis.eigenvalues, orthogonal, analysis.fit, analysis.kept_width, dict(analysis.extra)
+        )
+    return randomized
 
 
 def plan_widths(
@@ -225,4 +242,12 @@ def format_widths_table(report: CompressionReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CompressionReport", "analyse_sites", "compress_model", "format_widths_table", "plan_widths"]
+__all__ = [
+    "CompressionReport",
+    "analyse_sites",
+    "randomize_directions",
+    "refit_sites",
+    "compress_model",
+    "format_widths_table",
+    "plan_widths",
+]

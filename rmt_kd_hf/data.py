@@ -71,6 +71,20 @@ def load_movie_reviews(seed: int = 0, validation_fraction: float = 0.15, test_fr
     )
 
 
+def write_movie_review_csvs(output_dir: str | os.PathLike, seed: int = 0) -> dict[str, str]:
+    """Write ``train.csv``/``validation.csv``/``test.csv`` (columns ``sentence``, ``label``) for GLUE-style scripts.
+
+    Returns:
+        ``{split: path}``.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {}
+    for split, dataset in load_movie_reviews(seed=seed).items():
+        paths[split] = os.path.join(os.fspath(output_dir), f"{split}.csv")
+        dataset.to_csv(paths[split], index=False)
+    return paths
+
+
 def calibration_subset(dataset: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, str]:
     """A seeded ``fraction`` of ``dataset`` and the SHA-256 of its row ids (for reports and model cards)."""
     if not 0.0 < fraction <= 1.0:
@@ -101,5 +115,6 @@ __all__ = [
     "default_teacher_path",
     "load_movie_reviews",
     "movie_review_csv_path",
+    "write_movie_review_csvs",
     "text_dataloader",
 ]
