@@ -57,3 +57,21 @@ def test_compression_is_deterministic(batches):
     second, _ = compress_model(teacher, batches, progress=False)
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_random_directions_keep_widths_but_change_the_basis(batches):
+    from rmt_kd_hf.compression import randomize_directions
+    from rmt_kd_hf.surgery import get_surgery
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config()).eval()
+    student, report = compress_model(teacher, batches, sigma_quantile=0.5, progress=False)
+    randomized = randomize_directions(report.analyses, seed=0)
+    for name, analysis in randomized.items():
+        basis = analysis.eigenvectors
+        assert analysis.kept_width == report.analyses[name].kept_width
+        torch.testing.assert_close(torch.from_numpy(basis.T @ basis), torch.eye(basis.shape[0], dtype=torch.float64))
+        assert abs(basis[:, 0] @ report.analyses[name].eigenvectors[:, 0]) < 0.9
+    surgery = get_surgery(teacher)
+    random_student = surgery.apply(surgery.prepare(teacher), randomized)
+    assert random_student.config.boundary_sizes == student.config.boundary_sizes

@@ -31,3 +31,13 @@ def test_calibration_subset_is_a_seeded_tenth_with_a_stable_hash():
 def test_text_dataloader_rejects_empty_input():
     with pytest.raises(ValueError, match="calibration set is empty"):
         text_dataloader([], tokenizer=None)
+
+
+def test_movie_review_csvs_have_glue_columns(tmp_path):
+    import pandas as pd
+
+    from rmt_kd_hf.data import write_movie_review_csvs
+
+    paths = write_movie_review_csvs(tmp_path, seed=0)
+    test = pd.read_csv(paths["test"])
+    assert list(test.columns) == ["sentence", "label"] and len(test) >= 1000

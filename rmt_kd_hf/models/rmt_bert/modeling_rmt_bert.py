@@ -216,6 +216,11 @@ class RMTBertPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["RMTBertEmbeddings", "RMTBertLayer"]
 
+    def _format_output(self, output, return_dict: bool | None):
+        """A ``ModelOutput``, or its tuple when ``return_dict`` (or the config's default) is False."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, RMTLiftedLayerNorm):
@@ -351,7 +356,7 @@ class RMTBertForSequenceClassification(RMTBertPreTrainedModel):
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+        return self._format_output(output, return_dict)
 
 
 class RMTBertForTokenClassification(RMTBertPreTrainedModel):
@@ -395,7 +400,7 @@ class RMTBertForTokenClassification(RMTBertPreTrainedModel):
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+        return self._format_output(output, return_dict)
 
 
 class RMTBertForQuestionAnswering(RMTBertPreTrainedModel):
@@ -447,7 +452,7 @@ class RMTBertForQuestionAnswering(RMTBertPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+        return self._format_output(output, return_dict)
 
 
 __all__ = [
