@@ -27,6 +27,7 @@ from .spectral import (
     marchenko_pastur_edges,
     marchenko_pastur_pdf,
 )
+from .spectral_report import spectral_report
 from .trainer import RMTKDTrainer, distillation_loss
 
 __version__ = "0.1.0"
@@ -76,4 +77,5 @@ __all__ = [
     "marchenko_pastur_edges",
     "marchenko_pastur_pdf",
     "plan_widths",
+    "spectral_report",
 ]

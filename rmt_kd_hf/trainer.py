@@ -19,6 +19,7 @@ from .checkpoint import save_compressed
 from .compression import analyse_sites, plan_widths, refit_sites
 from .config import RMTKDConfig
 from .reports import cpu_latency
+from .spectral_report import SPECTRA_FILENAME, spectra_record
 from .surgery import get_surgery
 from .surgery.base import SiteAnalysis, count_parameters, count_parameters_for_config
 
@@ -106,6 +107,8 @@ class RMTKDTrainer(Trainer):
         surgery = get_surgery(self.model)
         teacher = self.model
         history = self._start_history(teacher)
+        history["provenance"] = _provenance(teacher)
+        self._stage_spectra: dict[int, dict] = {}  # per stage: eigenvalues and MP fits, for spectrum plots
         self.model = self.model_wrapped = surgery.prepare(teacher)
         calibration = self._calibration_dataloader(history)
         stages = self._stages(surgery)
@@ -121,6 +124,7 @@ class RMTKDTrainer(Trainer):
                 break
         self.teacher_model = None
         history["final"] = {"num_parameters": count_parameters(self.model), "widths": _widths_of(self.model)}
+        history["final"]["weights_mb"] = _weights_mb(self.model)
         self.compression_history = history
         self._save_final(history)
         return self.model
@@ -190,6 +194,7 @@ class RMTKDTrainer(Trainer):
         stage_names = list(analyses) if stage_sites is None else stage_sites
         analyses, quantile = self._plan_stage(surgery, previous, analyses, stage_names, history, index)
         record = _stage_record(index, stage_names, quantile, analyses)
+        self._stage_spectra[index] = spectra_record(analyses, stage_names)
         if all(analyses[name].kept_width == analyses[name].site.dim for name in stage_names):
             record.update(status="skipped: nothing above λ+ left to cut", seconds=time.perf_counter() - start)
             return record
@@ -297,6 +302,66 @@ class RMTKDTrainer(Trainer):
         save_compressed(self.model, output_dir, self.processing_class, merge_into_existing=True)
         with open(os.path.join(output_dir, HISTORY_FILENAME), "w") as file:
             json.dump(history, file, indent=2)
+        accepted = {stage["stage"] for stage in history["stages"] if stage["status"] == "accepted"}
+        with open(os.path.join(output_dir, SPECTRA_FILENAME), "w") as file:
+            json.dump({str(index): self._stage_spectra[index] for index in sorted(accepted)}, file)
+
+    # -- the hub ----------------------------------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,  # noqa: A002 - Trainer's signature
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        measurements: Mapping[str, tuple] | None = None,
+    ) -> None:
+        """Write ``output_dir/README.md`` from ``rmt_kd_history.json`` (spectrum plots under ``spectra/``);
+        ``Trainer.push_to_hub`` calls it and then uploads ``output_dir``. Before ``compress()`` has written a history,
+        the ordinary ``Trainer`` card is written instead.
+
+        ``finetuned_from`` is the teacher's hub id (``base_model``); ``dataset`` the hub dataset id(s);
+        ``measurements`` extra ``{row: (teacher, compressed)}`` results measured outside the run.
+        """
+        if not self.is_world_process_zero():
+            return
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        if not os.path.exists(os.path.join(self.args.output_dir, HISTORY_FILENAME)):
+            extra = [tag for tag in self._tag_names if tag not in tags]
+            return super().create_model_card(
+                language, license, tags + extra, model_name, finetuned_from, tasks, dataset_tags, dataset, dataset_args
+            )
+        from .hub import write_model_card
+
+        hub_model_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        write_model_card(
+            self.args.output_dir,
+            model_name=model_name or os.path.basename(os.path.abspath(self.args.output_dir)),
+            repo_id=hub_model_id,
+            base_model=finetuned_from,
+            datasets=dataset,
+            license=license,
+            language=language,
+            tags=tags,
+            measurements=measurements,
+        )
+
+
+def _provenance(teacher: nn.Module) -> dict:
+    from .hub import run_provenance
+
+    return run_provenance(teacher)
+
+
+def _weights_mb(model: nn.Module) -> float:
+    from .hub import weights_megabytes
+
+    return weights_megabytes(model)
 
 
 def _is_number(value) -> bool:

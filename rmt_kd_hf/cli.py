@@ -1,0 +1,126 @@
+"""``rmt-kd`` command line: ``rmt-kd report MODEL_DIR_OR_ID [--data FILE.csv|json]`` writes a spectral report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .spectral_report import POOR_FIT_KS_DISTANCE, SPECTRA_FILENAME, spectral_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmt-kd", description="RMT-KD tools for Hugging Face models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report",
+        help="Spectral report: eigenvalue histograms against the Marchenko–Pastur law, outliers, fit quality.",
+        description="Without --data, plot the spectra a compression saved (rmt_kd_spectra.json or "
+        "rmt_kd_report.json in MODEL_DIR_OR_ID). With --data, calibrate the model on that text and preview what "
+        "RMT-KD would keep (no weight is changed).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    report.add_argument("model", metavar="MODEL_DIR_OR_ID", help="Local directory or hub id of the model.")
+    report.add_argument("--data", default=None, help="Calibration text: a .csv, .json or .jsonl file.")
+    report.add_argument("--text_column", default="sentence", help="Column of --data holding the text.")
+    report.add_argument("--text_pair_column", default=None, help="Second text column (sentence-pair tasks).")
+    report.add_argument("--max_samples", type=int, default=512, help="Rows of --data used for calibration.")
+    report.add_argument("--max_length", type=int, default=128, help="Tokens per row (truncation).")
+    report.add_argument("--batch_size", type=int, default=32, help="Calibration batch size.")
+    report.add_argument("--sigma_quantile", type=float, default=0.5, help="Eigenvalue quantile that starts σ².")
+    report.add_argument("--no_refine", action="store_true", help="Keep σ² at the quantile (no MP bulk refit).")
+    report.add_argument(
+        "--ks_warning_threshold", type=float, default=POOR_FIT_KS_DISTANCE, help="Warn above this bulk KS distance."
+    )
+    report.add_argument("--no_plots", action="store_true", help="Write the JSON only (no matplotlib needed).")
+    report.add_argument("--output_dir", default="rmt_kd_spectral_report", help="Where the PNGs and JSON go.")
+    report.add_argument("--trust_remote_code", action="store_true", help="Allow the model repo's own code.")
+    return parser
+
+
+def _calibration_dataloader(args: argparse.Namespace, tokenizer):
+    import torch
+    from datasets import load_dataset
+    from transformers import DataCollatorWithPadding
+
+    from .data import text_dataloader
+
+    extension = os.path.splitext(args.data)[1].lstrip(".").lower()
+    builder = {"csv": "csv", "json": "json", "jsonl": "json"}.get(extension)
+    if builder is None:
+        raise ValueError(f"--data must be a .csv, .json or .jsonl file, got {args.data!r}")
+    if not os.path.exists(args.data):
+        raise FileNotFoundError(f"--data {args.data} does not exist")
+    dataset = load_dataset(builder, data_files=args.data, split="train")
+    columns = [args.text_column] + ([args.text_pair_column] if args.text_pair_column else [])
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{args.data} has no column {missing[0]!r} (columns: {dataset.column_names}).")
+    dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    texts = [str(text) for text in dataset[args.text_column]]
+    if not args.text_pair_column:
+        return text_dataloader(texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+    pairs = [str(text) for text in dataset[args.text_pair_column]]
+    encodings = [
+        tokenizer(text, pair, truncation=True, max_length=args.max_length)
+        for text, pair in zip(texts, pairs, strict=True)
+    ]
+    collator = DataCollatorWithPadding(tokenizer)
+    return torch.utils.data.DataLoader(encodings, batch_size=args.batch_size, collate_fn=collator)
+
+
+def _saved_spectra(model: str) -> str:
+    """A local directory, or the spectra file downloaded from the hub."""
+    if os.path.exists(model):
+        return model
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(model, SPECTRA_FILENAME)
+
+
+def run_report(args: argparse.Namespace) -> dict:
+    if args.data is None:
+        source, dataloader = _saved_spectra(args.model), None
+    else:
+        from transformers import AutoModel, AutoTokenizer  # RMTBert is registered: this imports rmt_kd_hf
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        source = AutoModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
+        dataloader = _calibration_dataloader(args, tokenizer)
+    return spectral_report(
+        source,
+        dataloader,
+        output_dir=args.output_dir,
+        sigma_quantile=args.sigma_quantile,
+        refine=not args.no_refine,
+        ks_warning_threshold=args.ks_warning_threshold,
+        plots=not args.no_plots,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``rmt-kd``; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        payload = run_report(args)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        print(f"rmt-kd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    poor = [f"{site['group']}/{site['site']}" for site in payload["sites"] if site["fit_quality"] == "poor"]
+    print(f"{len(payload['sites'])} sites -> {os.path.abspath(args.output_dir)}")
+    for site in payload["sites"]:
+        print(
+            f"  {site['group']}/{site['site']:<12} d={site['dim']:<5} n={site['num_samples']:<7} "
+            f"outliers={site['num_outliers']:<5} λ+={site['lambda_plus']:.4g}  KS={site['bulk_ks_distance']:.3f}"
+        )
+    if "preview" in payload:
+        preview = payload["preview"]
+        print(f"RMT-KD would keep {preview['num_parameters_if_compressed']} of {preview['num_parameters']} parameters")
+    if poor:
+        print(f"poor Marchenko–Pastur fit (KS > {args.ks_warning_threshold}) at: {', '.join(poor)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Hub-native model cards for RMT-KD checkpoints, generated from the run's own history (no number typed by hand).
+
+The card's metadata is a ``huggingface_hub.ModelCardData`` (``library_name``, ``base_model``, ``tags`` with
+``rmt-kd``, ``datasets``, ``metrics``, ``model-index``); its body is ``templates/rmt_kd_model_card.md`` (also in
+the repository's ``model_cards/``) rendered with jinja2 by ``ModelCard.from_template``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from importlib import resources
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
+from transformers.utils import logging
+
+from .spectral_report import SPECTRA_FILENAME, load_spectra, plot_overview, plot_site
+from .trainer import HISTORY_FILENAME
+
+logger = logging.get_logger(__name__)
+
+MODEL_CARD_TEMPLATE = "rmt_kd_model_card.md"
+PLOTS_DIRNAME = "spectra"
+TAGS = ("rmt-kd", "knowledge-distillation", "compression", "marchenko-pastur")
+_TASKS = {  # architecture suffix -> (pipeline/task tag, Auto class)
+    "ForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
+    "ForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
+    "ForQuestionAnswering": ("question-answering", "AutoModelForQuestionAnswering"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_card_template() -> str:
+    """The jinja2 template shipped in the package (``rmt_kd_hf/templates/rmt_kd_model_card.md``)."""
+    return resources.files("rmt_kd_hf").joinpath("templates", MODEL_CARD_TEMPLATE).read_text(encoding="utf-8")
+
+
+def weights_megabytes(model: nn.Module) -> float:
+    """Bytes of the model's parameter tensors / 10^6 (what safetensors stores, without its small header)."""
+    return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()) / 1e6
+
+
+def run_provenance(teacher: nn.Module) -> dict:
+    """What a card needs to say where a run came from: the command line, the teacher and library versions."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "command": shlex.join(["python", *sys.argv] if sys.argv and sys.argv[0].endswith(".py") else sys.argv),
+        "teacher_name_or_path": getattr(getattr(teacher, "config", None), "_name_or_path", "") or "",
+        "teacher_weights_mb": weights_megabytes(teacher),
+        "versions": {"rmt_kd_hf": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
+    }
+
+
+def load_history(directory: str | os.PathLike) -> dict:
+    """``rmt_kd_history.json`` of a compression run, or a FileNotFoundError saying how to produce it."""
+    path = os.path.join(os.fspath(directory), HISTORY_FILENAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: model cards are generated from the history that RMTKDTrainer.compress() "
+            f"writes into its output_dir. Run compress() first (or point at that output_dir)."
+        )
+    with open(path) as file:
+        return json.load(file)
+
+
+def final_metric(history: Mapping) -> float:
+    """The compressed model's validation metric: the last accepted stage's, or the teacher's if none was."""
+    key = f"eval_{history['config']['compression_metric']}"
+    accepted = [stage for stage in history["stages"] if stage["status"] == "accepted"]
+    return float(accepted[-1][key] if accepted else history["teacher"][key])
+
+
+def _number(value: float | int | None, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def _results_rows(history: Mapping, measurements: Mapping[str, Sequence] | None) -> list[tuple[str, str, str]]:
+    metric = history["config"]["compression_metric"]
+    teacher, final = history["teacher"], history["final"]
+    rows = [
+        (f"{metric} (validation)", f"{teacher[f'eval_{metric}']:.4f}", f"{final_metric(history):.4f}"),
+        (
+            "parameters",
+            _number(teacher["num_parameters"]),
+            f"{final['num_parameters']} ({final['num_parameters'] / teacher['num_parameters']:.1%})",
+        ),
+    ]
+    provenance = history.get("provenance", {})
+    if "teacher_weights_mb" in provenance or "weights_mb" in final:
+        rows.append(("weights (MB)", _number(provenance.get("teacher_weights_mb")), _number(final.get("weights_mb"))))
+    if "cpu_latency_seconds" in teacher:  # measured when the run had a latency target
+        ratios = [stage["latency_ratio"] for stage in history["stages"] if stage["status"] == "accepted"]
+        compressed = teacher["cpu_latency_seconds"] * ratios[-1] if ratios else teacher["cpu_latency_seconds"]
+        rows.append(("CPU latency (s)", _number(teacher["cpu_latency_seconds"]), _number(compressed)))
+    for name, (teacher_value, compressed_value) in (measurements or {}).items():
+        rows.append((name, _number(teacher_value), _number(compressed_value)))
+    return rows
+
+
+def _stage_views(history: Mapping) -> list[dict]:
+    views = []
+    for stage in history["stages"]:
+        sites = [
+            {
+                "name": name,
+                "dim": site["dim"],
+                "num_samples": site["num_samples"],
+                "kept_width": site["kept_width"],
+                "sigma2": _number(site["sigma2"]),
+                "lambda_plus": _number(site["lambda_plus"]),
+                "refined": "yes" if site["refined"] else "no",
+            }
+            for name, site in stage["sites"].items()
+        ]
+        seconds = stage.get("seconds")
+        views.append(
+            {
+                "stage": stage["stage"],
+                "status": stage["status"],
+                "sigma_quantile": _number(stage["sigma_quantile"]),
+                "seconds": None if seconds is None else f"{seconds:.1f}",
+                "sites": sites,
+            }
+        )
+    return views
+
+
+def _task_of(architecture: str | None) -> tuple[str | None, str]:
+    for suffix, (task, auto_class) in _TASKS.items():
+        if architecture and architecture.endswith(suffix):
+            return task, auto_class
+    return None, "AutoModel"
+
+
+def build_model_card(
+    history: Mapping,
+    *,
+    model_name: str,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    architecture: str | None = None,
+    datasets: str | list[str] | None = None,
+    dataset_name: str | None = None,
+    license: str | None = None,  # noqa: A002 - the hub's field name
+    language: str | list[str] | None = None,
+    tags: Sequence[str] = (),
+    overview_plot: str | None = None,
+    has_spectra: bool = False,
+    measurements: Mapping[str, Sequence] | None = None,
+    template_str: str | None = None,
+) -> ModelCard:
+    """The model card of one RMT-KD run.
+
+    Args:
+        history: the parsed ``rmt_kd_history.json``.
+        model_name: title and ``model-index`` name; ``repo_id`` (default ``model_name``) goes in the loading code.
+        base_model: the teacher's hub id; default: the teacher's ``name_or_path`` in the history, when it is a hub
+            id (a local path is no valid ``base_model``).
+        architecture: e.g. ``"RMTBertForSequenceClassification"`` (sets the task and the Auto class shown).
+        datasets, dataset_name: the hub dataset id(s) and a readable name for the results.
+        overview_plot: path of the spectra overview PNG relative to the card.
+        measurements: extra results rows ``{name: (teacher, compressed)}`` measured outside the run.
+        template_str: a jinja2 template of your own (default: :func:`model_card_template`; variables in
+            ``model_cards/README.md``).
+    """
+    metric = history["config"]["compression_metric"]
+    provenance = history.get("provenance", {})
+    if base_model is None:
+        candidate = provenance.get("teacher_name_or_path", "")
+        base_model = candidate if _HUB_ID.match(candidate) and not os.path.exists(candidate) else None
+    task, auto_class = _task_of(architecture)
+    dataset_ids = [datasets] if isinstance(datasets, str) else list(datasets or [])
+    eval_results = None
+    if task is not None:
+        eval_results = [
+            EvalResult(
+                task_type=task,
+                dataset_type=dataset_ids[0] if dataset_ids else "custom",
+                dataset_name=dataset_name or (dataset_ids[0] if dataset_ids else "validation set"),
+                dataset_split="validation",
+                metric_type=metric,
+                metric_name=metric,
+                metric_value=final_metric(history),
+            )
+        ]
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model,
+        library_name="transformers",
+        license=license,
+        language=language,
+        pipeline_tag=task,
+        tags=list(dict.fromkeys([*TAGS, *tags])),
+        datasets=dataset_ids or None,
+        metrics=[metric],
+        eval_results=eval_results,
+    )
+    config, calibration = history["config"], history.get("calibration", {})
+    settings = ", ".join(f"{key}={config[key]}" for key in sorted(config) if config[key] is not None)
+    return ModelCard.from_template(
+        card_data,
+        template_str=template_str or model_card_template(),
+        model_name=model_name,
+        repo_id=repo_id or model_name,
+        base_model=base_model,
+        auto_class=auto_class,
+        results_rows=_results_rows(history, measurements),
+        metric_note=f"The compressed {metric} is the last accepted stage's; parameters in parentheses are the "
+        "fraction of the teacher's.",
+        stages=_stage_views(history),
+        overview_plot=overview_plot,
+        plots_dir=os.path.dirname(overview_plot) if overview_plot else None,
+        has_spectra=has_spectra,
+        calibration_rows=calibration.get("num_rows", "—"),
+        calibration_sha256=calibration.get("row_ids_sha256", "not recorded"),
+        settings=settings,
+        command=provenance.get("command", "not recorded (history written before provenance was kept)"),
+    )
+
+
+def write_spectrum_plots(directory: str | os.PathLike) -> str | None:
+    """Render ``rmt_kd_spectra.json`` of ``directory`` into ``directory/spectra/`` (per-site PNGs + overview).
+
+    Returns:
+        The overview's path relative to ``directory``, or None without spectra or without matplotlib.
+    """
+    directory = os.fspath(directory)
+    if not os.path.exists(os.path.join(directory, SPECTRA_FILENAME)):
+        return None
+    try:
+        from .spectral_report import _pyplot
+
+        pyplot = _pyplot()
+    except ImportError as error:
+        logger.warning("The model card gets no spectrum plots: %s", error)
+        return None
+    spectra = load_spectra(os.path.join(directory, SPECTRA_FILENAME))
+    os.makedirs(os.path.join(directory, PLOTS_DIRNAME), exist_ok=True)
+    for spectrum in spectra:
+        plot_site(spectrum, os.path.join(directory, PLOTS_DIRNAME, f"{spectrum.group}_{spectrum.name}.png"), pyplot)
+    overview = f"{PLOTS_DIRNAME}/overview.png"
+    plot_overview(spectra, os.path.join(directory, overview), pyplot)
+    return overview
+
+
+def write_model_card(directory: str | os.PathLike, *, plots: bool = True, **card_kwargs) -> ModelCard:
+    """Write ``README.md`` (and, with ``plots``, the spectrum PNGs) into a compression run's ``directory``.
+
+    ``card_kwargs`` go to :func:`build_model_card`; ``model_name`` defaults to the directory's name and
+    ``architecture`` to the one in its ``config.json``.
+    """
+    directory = os.fspath(directory)
+    history = load_history(directory)
+    card_kwargs.setdefault("model_name", os.path.basename(os.path.abspath(directory)))
+    config_path = os.path.join(directory, "config.json")
+    if "architecture" not in card_kwargs and os.path.exists(config_path):
+        with open(config_path) as file:
+            card_kwargs["architecture"] = (json.load(file).get("architectures") or [None])[0]
+    overview = write_spectrum_plots(directory) if plots else None
+    card = build_model_card(
+        history,
+        overview_plot=overview,
+        has_spectra=os.path.exists(os.path.join(directory, SPECTRA_FILENAME)),
+        **card_kwargs,
+    )
+    card.save(os.path.join(directory, "README.md"))
+    return card
+
+
+__all__ = [
+    "MODEL_CARD_TEMPLATE",
+    "TAGS",
+    "build_model_card",
+    "final_metric",
+    "load_history",
+    "model_card_template",
+    "run_provenance",
+    "weights_megabytes",
+    "write_model_card",
+    "write_spectrum_plots",
+]
