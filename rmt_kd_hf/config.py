@@ -50,6 +50,9 @@ class RMTKDConfig(TrainingArguments):
             With `target_parameter_ratio`, choose each stage's quantile by bisection instead of `sigma_quantile`.
         min_width (`int`, defaults to `1`):
             No site is cut below this width.
+        measure_latency (`bool`, defaults to `True`):
+            At the end of `compress()`, time the teacher and the result on the CPU at batch 1 and 32
+            (`latency_sequence_length` tokens) and record both in the history and the model card.
     """
 
     calibration_fraction: float = field(default=0.1, metadata={"help": "Fraction of train rows used to calibrate."})
@@ -80,6 +83,9 @@ class RMTKDConfig(TrainingArguments):
         default=True, metadata={"help": "With a parameter target, pick each stage's quantile by bisection."}
     )
     min_width: int = field(default=1, metadata={"help": "No site is cut below this width."})
+    measure_latency: bool = field(
+        default=True, metadata={"help": "Time teacher and result on the CPU (batch 1 and 32) for the history."}
+    )
     latency_batch_size: int = field(default=1, metadata={"help": "Batch size of the latency stop rule."})
     latency_sequence_length: int = field(default=128, metadata={"help": "Sequence length of the latency rule."})
 

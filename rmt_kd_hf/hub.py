@@ -105,6 +105,12 @@ def _results_rows(history: Mapping, measurements: Mapping[str, Sequence] | None)
         ratios = [stage["latency_ratio"] for stage in history["stages"] if stage["status"] == "accepted"]
         compressed = teacher["cpu_latency_seconds"] * ratios[-1] if ratios else teacher["cpu_latency_seconds"]
         rows.append(("CPU latency (s)", _number(teacher["cpu_latency_seconds"]), _number(compressed)))
+    latency = history.get("latency", {})
+    for batch_size in (1, 32):
+        timing = latency.get(f"batch_{batch_size}")
+        if timing:
+            name = f"CPU latency, batch {batch_size} × {latency['sequence_length']} tokens (ms)"
+            rows.append((name, _number(1e3 * timing["teacher"]), _number(1e3 * timing["compressed"])))
     for name, (teacher_value, compressed_value) in (measurements or {}).items():
         rows.append((name, _number(teacher_value), _number(compressed_value)))
     return rows

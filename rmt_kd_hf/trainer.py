@@ -125,6 +125,8 @@ class RMTKDTrainer(Trainer):
         self.teacher_model = None
         history["final"] = {"num_parameters": count_parameters(self.model), "widths": _widths_of(self.model)}
         history["final"]["weights_mb"] = _weights_mb(self.model)
+        if args.measure_latency and next(self.model.parameters()).device.type == "cpu":
+            history["latency"] = self._latency_comparison(teacher)
         self.compression_history = history
         self._save_final(history)
         return self.model
@@ -283,7 +285,22 @@ class RMTKDTrainer(Trainer):
         return float(metrics[key])
 
     def _latency(self, model: nn.Module) -> float:
-        return cpu_latency(model, self.args.latency_batch_size, self.args.latency_sequence_length)
+        return cpu_latency(model, self.args.latency_batch_size, self._latency_sequence_length(model))
+
+    def _latency_sequence_length(self, model: nn.Module) -> int:
+        maximum = getattr(model.config, "max_position_embeddings", None) or self.args.latency_sequence_length
+        return min(self.args.latency_sequence_length, maximum)
+
+    def _latency_comparison(self, teacher: nn.Module) -> dict:
+        """Teacher vs compressed CPU latency (median seconds), measured one after the other in this process."""
+        length = self._latency_sequence_length(teacher)
+        comparison = {"sequence_length": length, "threads": torch.get_num_threads()}
+        for batch_size, repeats in ((1, 10), (32, 3)):
+            comparison[f"batch_{batch_size}"] = {
+                name: cpu_latency(model, batch_size, length, repeats=repeats, warmup=2)
+                for name, model in (("teacher", teacher), ("compressed", self.model))
+            }
+        return comparison
 
     def _target_met(self, record: dict, history: dict) -> bool:
         args = self.args

@@ -77,6 +77,11 @@ def test_card_numbers_equal_the_history(compressed_run):
     assert weights == pytest.approx(
         [history["provenance"]["teacher_weights_mb"], history["final"]["weights_mb"]], rel=1e-3
     )
+    latency = history["latency"]
+    for batch_size in (1, 32):
+        row = results[f"CPU latency, batch {batch_size} × {latency['sequence_length']} tokens (ms)"]
+        expected = [1e3 * latency[f"batch_{batch_size}"][name] for name in ("teacher", "compressed")]
+        assert [float(value) for value in row] == pytest.approx(expected, rel=1e-3)
     assert history["calibration"]["row_ids_sha256"] in text
     assert f"{history['calibration']['num_rows']} training rows" in text
     assert history["provenance"]["command"] in text
