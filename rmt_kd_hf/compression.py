@@ -27,6 +27,14 @@ def analyse_sites(
     """Eigendecompose every site's covariance and fit the Marchenko–Pastur bulk."""
     analyses = {}
     for site in logging.tqdm(list(sites), desc="Spectra", disable=not progress, leave=False):
+        if site.num_samples < site.dim:
+            logger.warning(
+                "%s: %d calibration samples for %d dimensions (n < d): the spectrum is rank-deficient and the "
+                "MP edge uncertain; use more calibration data.",
+                site.name,
+                site.num_samples,
+                site.dim,
+            )
         eigenvalues, eigenvectors = eigendecompose(site.covariance)
         try:
             fit = fit_marchenko_pastur(eigenvalues, site.num_samples, sigma_quantile=sigma_quantile, refine=refine)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 
@@ -104,6 +105,7 @@ class RMTKDTrainer(Trainer):
         args = self.args
         if self.train_dataset is None or self.eval_dataset is None:
             raise ValueError("compress() needs train_dataset (calibration, distillation) and eval_dataset (the floor).")
+        self._check_inputs()
         surgery = get_surgery(self.model)
         teacher = self.model
         history = self._start_history(teacher)
@@ -130,6 +132,36 @@ class RMTKDTrainer(Trainer):
         self.compression_history = history
         self._save_final(history)
         return self.model
+
+    def _check_inputs(self) -> None:
+        """Fail before any work on inputs that would break a stage hours later."""
+        output_dir = self.args.output_dir
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=output_dir):
+                pass
+        except OSError as error:
+            raise PermissionError(
+                f"Cannot write into output_dir={output_dir!r} ({error}); choose a writable one."
+            ) from None
+        vocab_size = getattr(self.model.config, "vocab_size", None)
+        tokenizer_size = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
+        if vocab_size is not None and tokenizer_size is not None and tokenizer_size > vocab_size:
+            raise ValueError(
+                f"The tokenizer has {tokenizer_size} tokens but the model's embeddings only {vocab_size}: this is not "
+                "the model's tokenizer. Pass the tokenizer saved with the teacher."
+            )
+        num_labels = getattr(self.model.config, "num_labels", None)
+        columns = getattr(self.train_dataset, "column_names", None) or []
+        label_column = "labels" if "labels" in columns else "label" if "label" in columns else None
+        labels = self.train_dataset[label_column] if label_column is not None else []
+        if num_labels and num_labels > 1 and len(labels) and isinstance(labels[0], int):  # sequence labels
+            low, high = min(labels), max(labels)
+            if low < 0 or high >= num_labels:
+                raise ValueError(
+                    f"Training labels span {low}..{high} but the classification head has {num_labels} outputs: "
+                    "map the labels to 0..num_labels-1 or load the teacher with the right num_labels."
+                )
 
     def _start_history(self, teacher: nn.Module) -> dict:
         args = self.args

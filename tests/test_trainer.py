@@ -185,3 +185,37 @@ def test_config_rejects_bad_values(tmp_path):
         from transformers import TrainingArguments
 
         RMTKDTrainer(BertForSequenceClassification(tiny_bert_config()), TrainingArguments(output_dir=str(tmp_path)))
+
+
+def test_bad_inputs_fail_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    trainer = make_trainer(tmp_path)
+    trainer.args.output_dir = str(blocker / "out")
+    with pytest.raises(PermissionError, match="choose a writable one"):
+        trainer.compress()
+
+    trainer = make_trainer(tmp_path)
+    trainer.train_dataset = trainer.train_dataset.map(lambda row: {"labels": 5})
+    with pytest.raises(ValueError, match=r"labels span 5..5 but the classification head has 2 outputs"):
+        trainer.compress()
+
+    class WrongTokenizer:
+        def __len__(self):
+            return 30522
+
+    trainer = make_trainer(tmp_path)
+    trainer.processing_class = WrongTokenizer()
+    with pytest.raises(ValueError, match="not the model's tokenizer"):
+        trainer.compress()
+    assert not os.path.exists(tmp_path / "out" / "config.json")
+
+
+def test_too_few_calibration_samples_warn(batches, caplog):
+    from rmt_kd_hf import compress_model
+
+    teacher = BertForSequenceClassification(tiny_bert_config()).eval()
+    four_tokens = {key: value[:1, :4] for key, value in batches[0].items() if key != "labels"}
+    with caplog.at_level("WARNING"):
+        compress_model(teacher, [four_tokens], keep_all=True, progress=False)  # 4 samples, 48 dimensions
+    assert "4 calibration samples for 48 dimensions (n < d)" in caplog.text
