@@ -1,4 +1,8 @@
-"""``rmt-kd`` command line: ``rmt-kd report MODEL_DIR_OR_ID [--data FILE.csv|json]`` writes a spectral report."""
+"""``rmt-kd`` command line.
+
+* ``rmt-kd report MODEL_DIR_OR_ID [--data FILE.csv|json]``: a spectral report;
+* ``rmt-kd bench TEACHER COMPRESSED``: parameters, disk and CPU latency of both, measured in one run.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no_plots", action="store_true", help="Write the JSON only (no matplotlib needed).")
     report.add_argument("--output_dir", default="rmt_kd_spectral_report", help="Where the PNGs and JSON go.")
     report.add_argument("--trust_remote_code", action="store_true", help="Allow the model repo's own code.")
+    bench = commands.add_parser(
+        "bench",
+        help="Teacher vs compressed: parameters, safetensors MB and CPU latency, measured one after the other.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("teacher", metavar="TEACHER", help="Directory or hub id of the teacher.")
+    bench.add_argument("compressed", metavar="COMPRESSED", help="Directory or hub id of the compressed model.")
+    bench.add_argument("--auto_class", default="AutoModelForSequenceClassification", help="transformers Auto class.")
+    bench.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32], help="Batch sizes to time.")
+    bench.add_argument("--sequence_length", type=int, default=128, help="Tokens per row.")
+    bench.add_argument("--repeats", type=int, default=10, help="Timed forward passes per batch size (median).")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
+    bench.add_argument("--output", default=None, help="Also write the results to this JSON file.")
+    bench.add_argument("--trust_remote_code", action="store_true", help="Allow the model repo's own code.")
     return parser
 
 
@@ -99,14 +117,69 @@ def run_report(args: argparse.Namespace) -> dict:
     )
 
 
+def run_bench(args: argparse.Namespace) -> dict:
+    import json
+
+    import torch
+    import transformers
+
+    from .reports import cpu_latency, parameter_counts, safetensors_size_mb
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    auto_class = getattr(transformers, args.auto_class, None)
+    if auto_class is None or not args.auto_class.startswith("AutoModel"):
+        raise ValueError(f"--auto_class {args.auto_class!r} is not a transformers AutoModel class.")
+    models = {
+        name: auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code).eval()
+        for name, path in (("teacher", args.teacher), ("compressed", args.compressed))
+    }
+    result = {"sequence_length": args.sequence_length, "threads": torch.get_num_threads()}
+    for name, model in models.items():
+        path = getattr(args, name)
+        result[name] = {
+            **parameter_counts(model),
+            "safetensors_mb": safetensors_size_mb(path) if os.path.isdir(path) else None,
+            "latency_seconds": {
+                str(batch): cpu_latency(model, batch, args.sequence_length, repeats=args.repeats)
+                for batch in args.batch_sizes
+            },
+        }
+    result["parameter_ratio"] = result["compressed"]["total"] / result["teacher"]["total"]
+    result["speedup"] = {
+        batch: result["teacher"]["latency_seconds"][batch] / result["compressed"]["latency_seconds"][batch]
+        for batch in result["teacher"]["latency_seconds"]
+    }
+    if args.output:
+        with open(args.output, "w") as file:
+            json.dump(result, file, indent=2)
+    return result
+
+
+def _print_bench(result: dict) -> None:
+    print(
+        f"{'':<12}{'params':>13}{'non-emb':>12}{'MB':>8}" + "".join(f"{'b' + b + ' ms':>10}" for b in result["speedup"])
+    )
+    for name in ("teacher", "compressed"):
+        row = result[name]
+        megabytes = "-" if row["safetensors_mb"] is None else f"{row['safetensors_mb']:.1f}"
+        timings = "".join(f"{1e3 * seconds:>10.1f}" for seconds in row["latency_seconds"].values())
+        print(f"{name:<12}{row['total']:>13,}{row['non_embedding']:>12,}{megabytes:>8}{timings}")
+    speedups = ", ".join(f"{value:.2f}x at batch {batch}" for batch, value in result["speedup"].items())
+    print(f"compressed: {result['parameter_ratio']:.1%} of the parameters, {speedups}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rmt-kd``; returns the process exit status."""
     args = build_parser().parse_args(argv)
     try:
-        payload = run_report(args)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+        payload = run_report(args) if args.command == "report" else run_bench(args)
+    except (FileNotFoundError, ValueError, ImportError, OSError) as error:
         print(f"rmt-kd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    if args.command == "bench":
+        _print_bench(payload)
+        return 0
     poor = [f"{site['group']}/{site['site']}" for site in payload["sites"] if site["fit_quality"] == "poor"]
     print(f"{len(payload['sites'])} sites -> {os.path.abspath(args.output_dir)}")
     for site in payload["sites"]:
