@@ -39,7 +39,7 @@ from rmt_kd_hf.calibration import collect_covariances
 from rmt_kd_hf.compression import analyse_sites, plan_widths, randomize_directions
 from rmt_kd_hf.data import calibration_subset, default_teacher_path, load_movie_reviews
 from rmt_kd_hf.metrics import load_glue_metric
-from rmt_kd_hf.reports import cpu_latency, parameter_counts
+from rmt_kd_hf.reports import cpu_latency, parameter_comparison, parameter_counts
 from rmt_kd_hf.surgery import get_surgery
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -175,18 +175,13 @@ def flops_per_forward(model, sequence_length: int = 128) -> int:
 
 
 def evaluate_arm(name, trainer, data, teacher_counts, extra=None) -> dict:
-    model = trainer.model
-    counts = parameter_counts(model)
     validation = trainer.evaluate(eval_dataset=data["validation"])["eval_accuracy"]
     test = trainer.evaluate(eval_dataset=data["test"], metric_key_prefix="test")["test_accuracy"]
     row = {
         "arm": name,
         "validation_accuracy": validation,
         "test_accuracy": test,
-        "parameters": counts["total"],
-        "non_embedding_parameters": counts["non_embedding"],
-        "parameter_reduction": 1 - counts["total"] / teacher_counts["total"],
-        "non_embedding_reduction": 1 - counts["non_embedding"] / teacher_counts["non_embedding"],
+        **parameter_comparison(parameter_counts(trainer.model), teacher_counts),
         **(extra or {}),
     }
     print(json.dumps(row), flush=True)

@@ -58,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _calibration_dataloader(args: argparse.Namespace, tokenizer):
-    import torch
     from datasets import load_dataset
-    from transformers import DataCollatorWithPadding
 
     from .data import text_dataloader
 
@@ -77,15 +75,8 @@ def _calibration_dataloader(args: argparse.Namespace, tokenizer):
         raise ValueError(f"{args.data} has no column {missing[0]!r} (columns: {dataset.column_names}).")
     dataset = dataset.select(range(min(args.max_samples, len(dataset))))
     texts = [str(text) for text in dataset[args.text_column]]
-    if not args.text_pair_column:
-        return text_dataloader(texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
-    pairs = [str(text) for text in dataset[args.text_pair_column]]
-    encodings = [
-        tokenizer(text, pair, truncation=True, max_length=args.max_length)
-        for text, pair in zip(texts, pairs, strict=True)
-    ]
-    collator = DataCollatorWithPadding(tokenizer)
-    return torch.utils.data.DataLoader(encodings, batch_size=args.batch_size, collate_fn=collator)
+    pairs = [str(text) for text in dataset[args.text_pair_column]] if args.text_pair_column else None
+    return text_dataloader(texts, tokenizer, args.batch_size, args.max_length, text_pairs=pairs)
 
 
 def _saved_spectra(model: str) -> str:

@@ -85,14 +85,18 @@ def write_movie_review_csvs(output_dir: str | os.PathLike, seed: int = 0) -> dic
     return paths
 
 
+def calibration_rows(num_rows: int, size: int, seed: int = 0) -> tuple[list[int], str]:
+    """``size`` sorted row ids drawn (seeded) from ``range(num_rows)`` and the SHA-256 of that id list."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = sorted(torch.randperm(num_rows, generator=generator)[:size].tolist())
+    return rows, hashlib.sha256(",".join(map(str, rows)).encode()).hexdigest()
+
+
 def calibration_subset(dataset: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, str]:
     """A seeded ``fraction`` of ``dataset`` and the SHA-256 of its row ids (for reports and model cards)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"calibration fraction must be in (0, 1], got {fraction}")
-    size = max(1, int(round(fraction * len(dataset))))
-    generator = torch.Generator().manual_seed(seed)
-    rows = sorted(torch.randperm(len(dataset), generator=generator)[:size].tolist())
-    digest = hashlib.sha256(",".join(map(str, rows)).encode()).hexdigest()
+    rows, digest = calibration_rows(len(dataset), max(1, round(fraction * len(dataset))), seed)
     return dataset.select(rows), digest
 
 
@@ -101,16 +105,22 @@ def text_dataloader(
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int = 32,
     max_length: int = 128,
+    text_pairs: Sequence[str] | None = None,
 ) -> torch.utils.data.DataLoader:
-    """Batches of tokenized ``texts`` with dynamic padding, in a fixed order (calibration needs no shuffling)."""
+    """Batches of tokenized ``texts`` (paired with ``text_pairs`` for sentence-pair tasks) with dynamic padding, in a
+    fixed order (calibration needs no shuffling)."""
     if len(texts) == 0:
         raise ValueError("No texts given: the calibration set is empty.")
-    encodings = [tokenizer(text, truncation=True, max_length=max_length) for text in texts]
+    pairs = [None] * len(texts) if text_pairs is None else text_pairs
+    encodings = [
+        tokenizer(text, pair, truncation=True, max_length=max_length) for text, pair in zip(texts, pairs, strict=True)
+    ]
     collator = DataCollatorWithPadding(tokenizer)
     return torch.utils.data.DataLoader(encodings, batch_size=batch_size, collate_fn=collator)
 
 
 __all__ = [
+    "calibration_rows",
     "calibration_subset",
     "default_teacher_path",
     "load_movie_reviews",

@@ -25,6 +25,16 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
+def parameter_comparison(counts: Mapping[str, int], teacher_counts: Mapping[str, int]) -> dict[str, float | int]:
+    """Parameters, non-embedding parameters and the fraction of each removed, from two ``parameter_counts``."""
+    return {
+        "parameters": counts["total"],
+        "non_embedding_parameters": counts["non_embedding"],
+        "parameter_reduction": 1 - counts["total"] / teacher_counts["total"],
+        "non_embedding_reduction": 1 - counts["non_embedding"] / teacher_counts["non_embedding"],
+    }
+
+
 def safetensors_size_mb(directory: str | os.PathLike) -> float:
     """Size in MB (10^6 bytes) of the ``*.safetensors`` files in ``directory``."""
     sizes = [entry.stat().st_size for entry in os.scandir(directory) if entry.name.endswith(".safetensors")]
@@ -95,4 +105,10 @@ def cpu_latency(
     return statistics.median(timings)
 
 
-__all__ = ["cpu_latency", "hidden_state_similarity", "parameter_counts", "safetensors_size_mb"]
+__all__ = [
+    "cpu_latency",
+    "hidden_state_similarity",
+    "parameter_comparison",
+    "parameter_counts",
+    "safetensors_size_mb",
+]

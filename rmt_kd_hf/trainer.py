@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +18,7 @@ from .calibration import collect_covariances
 from .checkpoint import save_compressed
 from .compression import analyse_sites, plan_widths, refit_sites
 from .config import RMTKDConfig
+from .data import calibration_rows
 from .reports import cpu_latency
 from .spectral_report import SPECTRA_FILENAME, spectra_record
 from .surgery import get_surgery
@@ -200,12 +200,8 @@ class RMTKDTrainer(Trainer):
         size = max(1, round(args.calibration_fraction * len(self.train_dataset)))
         if args.calibration_max_samples is not None:
             size = min(size, args.calibration_max_samples)
-        generator = torch.Generator().manual_seed(args.seed)
-        rows = sorted(torch.randperm(len(self.train_dataset), generator=generator)[:size].tolist())
-        history["calibration"] = {
-            "num_rows": len(rows),
-            "row_ids_sha256": hashlib.sha256(",".join(map(str, rows)).encode()).hexdigest(),
-        }
+        rows, digest = calibration_rows(len(self.train_dataset), size, args.seed)
+        history["calibration"] = {"num_rows": len(rows), "row_ids_sha256": digest}
         if hasattr(self.train_dataset, "select"):
             subset = self.train_dataset.select(rows)
         else:

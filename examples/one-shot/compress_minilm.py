@@ -23,7 +23,7 @@ from transformers.utils import logging
 import rmt_kd_hf
 from rmt_kd_hf.checkpoint import save_compressed
 from rmt_kd_hf.data import calibration_subset, default_teacher_path, load_movie_reviews, text_dataloader
-from rmt_kd_hf.reports import hidden_state_similarity, parameter_counts, safetensors_size_mb
+from rmt_kd_hf.reports import hidden_state_similarity, parameter_comparison, parameter_counts, safetensors_size_mb
 
 logger = logging.get_logger("rmt_kd_hf.examples.one_shot")
 
@@ -70,10 +70,7 @@ def print_summary(rows: list[dict], teacher_counts: dict[str, int]) -> list[dict
             "embedding_width": widths["embeddings"],
             "boundary_widths": boundaries,
             "ffn_widths": ffn,
-            "parameters": counts["total"],
-            "non_embedding_parameters": counts["non_embedding"],
-            "parameter_reduction": 1 - counts["total"] / teacher_counts["total"],
-            "non_embedding_reduction": 1 - counts["non_embedding"] / teacher_counts["non_embedding"],
+            **parameter_comparison(counts, teacher_counts),
             "hidden_state_cosine_per_layer": row["similarity"],
             **report.timings,
         }
