@@ -87,7 +87,9 @@ class RMTKDConfig(TrainingArguments):
         default=True, metadata={"help": "Time teacher and result on the CPU (batch 1 and 32) for the history."}
     )
     latency_batch_size: int = field(default=1, metadata={"help": "Batch size of the latency stop rule."})
-    latency_sequence_length: int = field(default=128, metadata={"help": "Sequence length of the latency rule."})
+    latency_sequence_length: int = field(
+        default=128, metadata={"help": "Tokens per row (text) or image side (vision) of latency measurements."}
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -80,21 +80,20 @@ def hidden_state_similarity(
 def cpu_latency(
     model: nn.Module,
     batch_size: int = 1,
-    sequence_length: int = 128,
+    sequence_length: int | None = 128,
     repeats: int = 20,
     warmup: int = 3,
-    vocab_size: int | None = None,
 ) -> float:
-    """Median wall time in seconds of one forward pass on random token ids of shape (batch_size, sequence_length).
+    """Median wall time in seconds of one forward pass on random inputs of ``batch_size`` rows.
 
-    The attention mask is all ones (the models skip it then, as transformers' BERT does). Compare models only
-    within one process run, one after the other, with nothing else running.
+    ``sequence_length`` is the tokens per row for text models (clamped to the position table) and the image side
+    for vision models (``None``: the model's own). Text models get an all-ones attention mask, which they skip, as
+    transformers' BERT does. Compare models only within one process run, one after the other, with nothing else
+    running.
     """
     model = model.eval()
-    vocab_size = vocab_size or model.config.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(1, vocab_size, (batch_size, sequence_length), generator=generator)
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    inputs = get_surgery(model).example_inputs(model, batch_size, sequence_length)
+    inputs = {name: tensor.to(next(model.parameters()).device) for name, tensor in inputs.items()}
     for _ in range(warmup):
         model(**inputs)
     timings = []

@@ -125,7 +125,7 @@ class RMTKDTrainer(Trainer):
             if self._target_met(record, history) or self._accepted_stages(history) == args.max_stages:
                 break
         self.teacher_model = None
-        history["final"] = {"num_parameters": count_parameters(self.model), "widths": _widths_of(self.model)}
+        history["final"] = {"num_parameters": count_parameters(self.model), "widths": surgery.widths(self.model)}
         history["final"]["weights_mb"] = _weights_mb(self.model)
         if args.measure_latency and next(self.model.parameters()).device.type == "cpu":
             history["latency"] = self._latency_comparison(teacher)
@@ -313,15 +313,11 @@ class RMTKDTrainer(Trainer):
         return float(metrics[key])
 
     def _latency(self, model: nn.Module) -> float:
-        return cpu_latency(model, self.args.latency_batch_size, self._latency_sequence_length(model))
-
-    def _latency_sequence_length(self, model: nn.Module) -> int:
-        maximum = getattr(model.config, "max_position_embeddings", None) or self.args.latency_sequence_length
-        return min(self.args.latency_sequence_length, maximum)
+        return cpu_latency(model, self.args.latency_batch_size, self.args.latency_sequence_length)
 
     def _latency_comparison(self, teacher: nn.Module) -> dict:
         """Teacher vs compressed CPU latency (median seconds), measured one after the other in this process."""
-        length = self._latency_sequence_length(teacher)
+        length = self.args.latency_sequence_length
         comparison = {"sequence_length": length, "threads": torch.get_num_threads()}
         for batch_size, repeats in ((1, 10), (32, 3)):
             comparison[f"batch_{batch_size}"] = {
@@ -411,15 +407,6 @@ def _weights_mb(model: nn.Module) -> float:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _widths_of(model: nn.Module) -> dict:
-    config = model.config
-    return {
-        "embedding_size": config.embedding_size,
-        "boundary_sizes": list(config.boundary_sizes),
-        "intermediate_sizes": list(config.intermediate_sizes),
-    }
 
 
 def _stage_record(index: int, stage_names: list[str], quantile: float, analyses: Mapping[str, SiteAnalysis]) -> dict:

@@ -78,6 +78,13 @@ class ArchitectureSurgery(Protocol):
     def stages(self, model: nn.Module) -> list[list[str]]:
         """Site names grouped into per-layer stages, shallow to deep."""
 
+    def widths(self, model: nn.Module) -> dict:
+        """The widths ``model`` (prepared or compressed) runs at, for histories and reports (JSON-able)."""
+
+    def example_inputs(self, model: nn.Module, batch_size: int, size: int | None = None) -> dict[str, torch.Tensor]:
+        """Random forward inputs for timing: ``size`` is the sequence length (text) or image side (vision);
+        ``None`` or a value the model cannot take is replaced by the model's own limit."""
+
 
 def select_neurons(analysis: SiteAnalysis, width: int) -> np.ndarray:
     """Indices (sorted, (width,)) of ``width`` neurons that best span the top-``width`` eigenvectors.

@@ -289,6 +289,23 @@ class BertSurgery:
     def stages(self, model) -> list[list[str]]:
         return layer_stages(model)
 
+    def widths(self, model) -> dict:
+        config = model.config
+        return {
+            "embedding_size": config.embedding_size,
+            "boundary_sizes": list(config.boundary_sizes),
+            "intermediate_sizes": list(config.intermediate_sizes),
+        }
+
+    def example_inputs(self, model, batch_size: int, size: int | None = None) -> dict[str, torch.Tensor]:
+        """Random token ids (batch_size, size) and an all-ones mask (the models skip it, as BERT does)."""
+        config = model.config
+        maximum = getattr(config, "max_position_embeddings", None) or 128
+        length = maximum if size is None else min(size, maximum)
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(1, config.vocab_size, (batch_size, length), generator=generator)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
     def lift_hidden_states(self, hidden_states: tuple[torch.Tensor, ...], analyses) -> list[torch.Tensor]:
         """Map the compressed model's per-layer hidden states back to the input model's coordinates."""
         bases = [torch.from_numpy(analyses[f"boundary.{2 * i}"].basis()) for i in range(len(hidden_states))]
