@@ -17,6 +17,12 @@ from .spectral_report import POOR_FIT_KS_DISTANCE, SPECTRA_FILENAME, spectral_re
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmt-kd", description="RMT-KD tools for Hugging Face models.")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "compress",
+        help="Fine-tune the teacher if its classifier is new, then compress and distil it (GLUE task or csv/json "
+        "files); `rmt-kd compress --help` lists every option with its default.",
+        add_help=False,
+    )
     report = commands.add_parser(
         "report",
         help="Spectral report: eigenvalue histograms against the Marchenko–Pastur law, outliers, fit quality.",
@@ -160,8 +166,25 @@ def _print_bench(result: dict) -> None:
     print(f"compressed: {result['parameter_ratio']:.1%} of the parameters, {speedups}")
 
 
+def run_compress(argv: list[str]) -> int:
+    """``rmt-kd compress``: the arguments of ``examples/text-classification/run_glue.py``."""
+    from .text_classification import run
+
+    try:
+        results = run(argv, prog="rmt-kd compress")
+    except (FileNotFoundError, ValueError, PermissionError, OSError) as error:
+        print(f"rmt-kd compress: error: {error}", file=sys.stderr)
+        return 2
+    for key, value in sorted(results.items()):
+        print(f"{key}: {value}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rmt-kd``; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compress"]:  # its options come from dataclasses (HfArgumentParser), as in run_glue.py
+        return run_compress(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         payload = run_report(args) if args.command == "report" else run_bench(args)

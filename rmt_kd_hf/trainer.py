@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -11,11 +15,21 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, enable_full_determinism, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import SaveStrategy
 from transformers.utils import logging
 
 from .calibration import collect_covariances
-from .checkpoint import save_compressed
+from .checkpoint import (
+    check_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    load_rng_state,
+    save_compressed,
+    save_optimizer_state,
+    save_rng_state,
+)
 from .compression import analyse_sites, plan_widths, refit_sites
 from .config import RMTKDConfig
 from .data import calibration_rows
@@ -27,6 +41,25 @@ from .surgery.base import SiteAnalysis, count_parameters, count_parameters_for_c
 logger = logging.get_logger(__name__)
 
 HISTORY_FILENAME = "rmt_kd_history.json"
+RESUME_STATE_FILENAME = "rmt_kd_resume.json"
+STAGE_CHECKPOINT_PREFIX = "checkpoint-stage"
+TRAINING_ARGS_JSON = "training_args.json"
+# settings a resumed run must share with the run that wrote the checkpoint
+RESUME_INVARIANTS = (
+    "sigma_quantile",
+    "mp_refine",
+    "distillation_alpha",
+    "distillation_temperature",
+    "max_metric_drop",
+    "compression_metric",
+    "target_parameter_ratio",
+    "target_latency_ratio",
+    "compression_schedule",
+    "stage_order",
+    "stage_max_steps",
+    "learning_rate",
+    "seed",
+)
 
 
 def distillation_loss(
@@ -93,37 +126,123 @@ class RMTKDTrainer(Trainer):
         )
         return (loss, outputs) if return_outputs else loss
 
+    # -- Trainer checkpoints without pickles ------------------------------------------------------------------
+    # Trainer writes training_args.bin, optimizer.pt, scheduler.pt and rng_state.pth with torch.save (pickle).
+    # Here the same states go to safetensors + JSON and are read back from them; DeepSpeed/FSDP keep their formats.
+
+    def _plain_checkpoints(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+            if os.path.exists(pickled):
+                os.remove(pickled)
+            with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w") as file:
+                file.write(self.args.to_json_string())
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._plain_checkpoints():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            save_optimizer_state(self.optimizer.state_dict(), output_dir, "optimizer")
+            save_optimizer_state(self.lr_scheduler.state_dict(), output_dir, "scheduler")
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and self.args.should_save:
+            save_optimizer_state(scaler.state_dict(), output_dir, "scaler")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        save_rng_state(os.path.join(output_dir, self._rng_state_name()))
+
+    def _rng_state_name(self) -> str:
+        return (
+            "rng_state.safetensors" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.safetensors"
+        )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._plain_checkpoints():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        if os.path.exists(os.path.join(checkpoint, "optimizer.safetensors")):
+            self.optimizer.load_state_dict(load_optimizer_state(checkpoint, "optimizer"))
+            self.lr_scheduler.load_state_dict(load_optimizer_state(checkpoint, "scheduler"))
+        else:
+            _refuse_pickles(checkpoint, ("optimizer.pt", "scheduler.pt"))
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is not None and scaler is not None and os.path.exists(os.path.join(checkpoint, "scaler.json")):
+            scaler.load_state_dict(load_optimizer_state(checkpoint, "scaler"))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, self._rng_state_name())
+        if os.path.exists(path):
+            load_rng_state(path)
+        else:
+            _refuse_pickles(checkpoint, ("rng_state.pth", f"rng_state_{self.args.process_index}.pth"))
+
     # -- the compress-and-distil loop -------------------------------------------------------------------------
 
-    def compress(self) -> nn.Module:
+    def compress(self, resume_from_checkpoint: str | bool | None = None) -> nn.Module:
         """Run RMT-KD to a stop rule, save the final model in ``output_dir`` and return it.
 
         Stop rules: the parameter/latency target is met; a stage's validation metric falls more than
         ``max_metric_drop`` below the teacher's (that stage is rolled back); nothing above λ+ is left to cut;
         ``max_stages`` accepted stages.
+
+        After every stage that is kept (accepted, or skipped with nothing to cut) the model, the history and the
+        next stage's index are written atomically to ``output_dir/checkpoint-stage-<i>``. Every stage starts from its
+        own seed (``seed + i``) and a fresh optimizer (the widths change, so old moments have the wrong shapes), so
+        a run resumed from such a checkpoint computes exactly what the uninterrupted run would have.
+
+        Args:
+            resume_from_checkpoint: a stage checkpoint directory, or ``True`` for the latest one in ``output_dir``;
+                defaults to ``args.resume_from_checkpoint``. The teacher passed to the trainer must be the one the
+                run started from.
         """
         args = self.args
         if self.train_dataset is None or self.eval_dataset is None:
             raise ValueError("compress() needs train_dataset (calibration, distillation) and eval_dataset (the floor).")
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = args.resume_from_checkpoint
         self._check_inputs()
         surgery = get_surgery(self.model)
         teacher = self.model
-        history = self._start_history(teacher)
-        history["provenance"] = _provenance(teacher)
-        self._stage_spectra: dict[int, dict] = {}  # per stage: eigenvalues and MP fits, for spectrum plots
-        self.model = self.model_wrapped = surgery.prepare(teacher)
+        teacher_fingerprint = _fingerprint(teacher)
+        prepared = surgery.prepare(teacher)
+        checkpoint = self._stage_checkpoint_to_resume(resume_from_checkpoint) if resume_from_checkpoint else None
+        if checkpoint is not None:
+            history, first_stage = self._resume_state(checkpoint, teacher_fingerprint)
+            self.model = self.model_wrapped = load_checkpoint(type(prepared), checkpoint).to(args.device)
+            logger.info("Resuming RMT-KD from %s at stage %d", checkpoint, first_stage)
+        else:
+            history, first_stage = self._start_history(teacher), 0
+            history["provenance"] = _provenance(teacher)
+            history["teacher"]["fingerprint"] = teacher_fingerprint
+            self._stage_spectra = {}
+            self.model = self.model_wrapped = prepared
         calibration = self._calibration_dataloader(history)
         stages = self._stages(surgery)
-        for index, stage_sites in enumerate(logging.tqdm(stages, desc="RMT-KD stages", disable=args.disable_tqdm)):
-            record = self._run_stage(surgery, calibration, index, stage_sites, history)
-            history["stages"].append(record)
-            self.log({f"rmt_kd/stage_{index}/{key}": value for key, value in record.items() if _is_number(value)})
-            if record["status"] != "accepted":
-                if record["status"].startswith("rolled back"):
-                    break
-                continue
-            if self._target_met(record, history) or self._accepted_stages(history) == args.max_stages:
+        progress = logging.tqdm(total=len(stages), initial=first_stage, desc="RMT-KD stages", disable=args.disable_tqdm)
+        done = self._stop_rule_fired(history)
+        for index in range(first_stage, len(stages)):
+            if done:
                 break
+            record = self._run_stage(surgery, calibration, index, stages[index], history)
+            history["stages"].append(record)
+            progress.update(1)
+            self.log({f"rmt_kd/stage_{index}/{key}": value for key, value in record.items() if _is_number(value)})
+            if record["status"].startswith("rolled back"):
+                break
+            done = self._stop_rule_fired(history)
+            self._save_stage_checkpoint(index, history)
+        progress.close()
         self.teacher_model = None
         history["final"] = {"num_parameters": count_parameters(self.model), "widths": surgery.widths(self.model)}
         history["final"]["weights_mb"] = _weights_mb(self.model)
@@ -133,17 +252,109 @@ class RMTKDTrainer(Trainer):
         self._save_final(history)
         return self.model
 
+    def _stop_rule_fired(self, history: dict) -> bool:
+        """Target met or ``max_stages`` accepted, judged on the last accepted stage."""
+        accepted = [stage for stage in history["stages"] if stage["status"] == "accepted"]
+        if not accepted:
+            return False
+        return self._target_met(accepted[-1], history) or len(accepted) == self.args.max_stages
+
+    # -- stage checkpoints and resume -------------------------------------------------------------------------
+
+    def _save_stage_checkpoint(self, index: int, history: dict) -> None:
+        """``output_dir/checkpoint-stage-<index>``: weights, config, tokenizer, history, spectra, next stage; atomic."""
+        if self.args.should_save:
+            directory = os.path.join(self.args.output_dir, f"{STAGE_CHECKPOINT_PREFIX}-{index}")
+            resume_state = {
+                "next_stage": index + 1,
+                "stage_spectra": {str(k): v for k, v in self._stage_spectra.items()},
+            }
+            save_compressed(
+                self.model,
+                directory,
+                self.processing_class,
+                overwrite=True,
+                json_files={HISTORY_FILENAME: history, RESUME_STATE_FILENAME: resume_state},
+            )
+            self._rotate_stage_checkpoints()
+        self.accelerator.wait_for_everyone()
+
+    def _stage_checkpoints(self, directory: str) -> list[str]:
+        """Complete stage checkpoints in ``directory``, oldest first (a partial one has no resume state yet)."""
+        found = []
+        for path in glob.glob(os.path.join(directory, f"{STAGE_CHECKPOINT_PREFIX}-*")):
+            match = re.fullmatch(rf"{STAGE_CHECKPOINT_PREFIX}-(\d+)", os.path.basename(path))
+            if match and os.path.exists(os.path.join(path, RESUME_STATE_FILENAME)):
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found)]
+
+    def _rotate_stage_checkpoints(self) -> None:
+        limit = self.args.save_total_limit
+        checkpoints = self._stage_checkpoints(self.args.output_dir)
+        if limit is not None and limit > 0:
+            for path in checkpoints[:-limit]:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _stage_checkpoint_to_resume(self, resume_from_checkpoint: str | bool) -> str | None:
+        """The checkpoint to resume: a path, or with ``True`` the latest in ``output_dir`` (``None`` if there is
+        none yet: the run was interrupted before its first stage ended and starts over)."""
+        if resume_from_checkpoint is True or resume_from_checkpoint == "True":
+            checkpoints = self._stage_checkpoints(self.args.output_dir)
+            if not checkpoints:
+                logger.warning("No stage checkpoint in %s yet: starting from the first stage.", self.args.output_dir)
+                return None
+            return checkpoints[-1]
+        checkpoint = os.fspath(resume_from_checkpoint)
+        if not os.path.exists(os.path.join(checkpoint, RESUME_STATE_FILENAME)):
+            raise ValueError(
+                f"{checkpoint} is not an RMT-KD stage checkpoint (no {RESUME_STATE_FILENAME}): pass a "
+                f"{STAGE_CHECKPOINT_PREFIX}-<i> directory that compress() wrote, or True for the latest one."
+            )
+        return checkpoint
+
+    def _resume_state(self, checkpoint: str, teacher_fingerprint: str) -> tuple[dict, int]:
+        """History and next stage of ``checkpoint``, after checking it belongs to this teacher and these settings."""
+        check_checkpoint(checkpoint)
+        try:
+            with open(os.path.join(checkpoint, HISTORY_FILENAME)) as file:
+                history = json.load(file)
+            with open(os.path.join(checkpoint, RESUME_STATE_FILENAME)) as file:
+                resume_state = json.load(file)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{checkpoint} is corrupted ({error}): resume from an earlier stage checkpoint.") from None
+        if history["teacher"].get("fingerprint") != teacher_fingerprint:
+            raise ValueError(
+                f"{checkpoint} was made from a different teacher (weights fingerprint differs): pass the teacher the "
+                "run started from, or start a new run in a fresh output_dir."
+            )
+        changed = [
+            f"{key}: {history['config'].get(key)!r} -> {getattr(self.args, key)!r}"
+            for key in RESUME_INVARIANTS
+            if history["config"].get(key) != getattr(self.args, key)
+        ]
+        if changed:
+            raise ValueError(
+                f"Resuming {checkpoint} with different settings ({'; '.join(changed)}): resume with the settings "
+                "of the interrupted run, or start a new run in a fresh output_dir."
+            )
+        self._stage_spectra = {int(key): value for key, value in resume_state["stage_spectra"].items()}
+        return history, int(resume_state["next_stage"])
+
     def _check_inputs(self) -> None:
         """Fail before any work on inputs that would break a stage hours later."""
-        output_dir = self.args.output_dir
+        output_dir = os.path.abspath(self.args.output_dir)
+        existing = output_dir
+        while not os.path.exists(existing):  # probe the nearest existing ancestor: create nothing yet
+            existing = os.path.dirname(existing)
         try:
-            os.makedirs(output_dir, exist_ok=True)
-            with tempfile.TemporaryFile(dir=output_dir):
+            with tempfile.TemporaryFile(dir=existing):
                 pass
         except OSError as error:
             raise PermissionError(
-                f"Cannot write into output_dir={output_dir!r} ({error}); choose a writable one."
+                f"Cannot write into output_dir={self.args.output_dir!r} ({error}); choose a writable one."
             ) from None
+        if len(self.train_dataset) == 0:
+            raise ValueError("train_dataset is empty: calibration and distillation need training rows.")
         vocab_size = getattr(self.model.config, "vocab_size", None)
         tokenizer_size = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
         if vocab_size is not None and tokenizer_size is not None and tokenizer_size > vocab_size:
@@ -171,42 +382,32 @@ class RMTKDTrainer(Trainer):
                 "num_parameters": count_parameters(teacher),
                 f"eval_{args.compression_metric}": teacher_metric,
             },
-            "config": {
-                key: getattr(args, key)
-                for key in (
-                    "sigma_quantile",
-                    "mp_refine",
-                    "distillation_alpha",
-                    "distillation_temperature",
-                    "max_metric_drop",
-                    "compression_metric",
-                    "target_parameter_ratio",
-                    "target_latency_ratio",
-                    "compression_schedule",
-                    "stage_order",
-                    "stage_max_steps",
-                    "learning_rate",
-                    "seed",
-                )
-            },
+            "config": {key: getattr(args, key) for key in RESUME_INVARIANTS},
             "stages": [],
         }
         if args.target_latency_ratio is not None:
             history["teacher"]["cpu_latency_seconds"] = self._latency(teacher)
         return history
 
-    def _calibration_dataloader(self, history: dict):
+    def _calibration_dataloader(self, history: dict) -> torch.utils.data.DataLoader:
+        """The seeded calibration rows; with several processes each reads a disjoint share (no padding rows, unlike
+        an evaluation loader), and the covariances are summed across processes before any eigendecomposition."""
         args = self.args
         size = max(1, round(args.calibration_fraction * len(self.train_dataset)))
         if args.calibration_max_samples is not None:
             size = min(size, args.calibration_max_samples)
         rows, digest = calibration_rows(len(self.train_dataset), size, args.seed)
         history["calibration"] = {"num_rows": len(rows), "row_ids_sha256": digest}
+        shard = rows[args.process_index :: args.world_size]
+        collator = self.data_collator
         if hasattr(self.train_dataset, "select"):
-            subset = self.train_dataset.select(rows)
+            subset = self._remove_unused_columns(self.train_dataset.select(shard), description="calibration")
         else:
-            subset = torch.utils.data.Subset(self.train_dataset, rows)
-        return self.get_eval_dataloader(subset)
+            subset = torch.utils.data.Subset(self.train_dataset, shard)
+            collator = self._get_collator_with_removed_columns(collator, description="calibration")
+        return torch.utils.data.DataLoader(
+            subset, batch_size=args.per_device_eval_batch_size, collate_fn=collator, shuffle=False
+        )
 
     def _stages(self, surgery) -> list[list[str] | None]:
         if self.args.compression_schedule == "one_shot":
@@ -217,12 +418,15 @@ class RMTKDTrainer(Trainer):
     def _run_stage(self, surgery, calibration, index: int, stage_sites: list[str] | None, history: dict) -> dict:
         args = self.args
         start = time.perf_counter()
+        # each stage draws from its own seed, so a resumed run repeats exactly what the interrupted one would do
+        enable_full_determinism(args.seed + index) if args.full_determinism else set_seed(args.seed + index)
         previous = self.model.eval()
         taps = surgery.taps(previous)
         accumulators = collect_covariances(previous, calibration, taps, progress=not args.disable_tqdm)
         analyses = analyse_sites(surgery.sites(previous, accumulators), args.sigma_quantile, args.mp_refine)
         stage_names = list(analyses) if stage_sites is None else stage_sites
         analyses, quantile = self._plan_stage(surgery, previous, analyses, stage_names, history, index)
+        self._check_some_direction_is_kept(analyses, stage_names)
         record = _stage_record(index, stage_names, quantile, analyses)
         self._stage_spectra[index] = spectra_record(analyses, stage_names)
         if all(analyses[name].kept_width == analyses[name].site.dim for name in stage_names):
@@ -244,6 +448,21 @@ class RMTKDTrainer(Trainer):
         record["seconds"] = time.perf_counter() - start
         logger.info("RMT-KD stage %d: %s", index, record["status"])
         return record
+
+    def _check_some_direction_is_kept(self, analyses: Mapping[str, SiteAnalysis], stage_names: list[str]) -> None:
+        """k = 0 (every eigenvalue below λ+) would leave a site ``min_width`` wide: refuse unless that floor was
+        asked for."""
+        if self.args.min_width > 1:
+            return
+        empty = [name for name in stage_names if analyses[name].fit.num_kept == 0]
+        if empty:
+            fit = analyses[empty[0]].fit
+            raise ValueError(
+                f"No eigenvalue lies above the Marchenko–Pastur edge at {', '.join(empty)} (k = 0; at {empty[0]} "
+                f"λ+ = {fit.lambda_plus:.4g}, largest eigenvalue {analyses[empty[0]].eigenvalues[0]:.4g}) with "
+                f"sigma_quantile={fit.sigma_quantile}: lower sigma_quantile, or set min_width to the narrowest width "
+                "you accept there."
+            )
 
     def _plan_stage(self, surgery, model, analyses, stage_names, history, index):
         """Widths for this stage's sites (the others keep every direction) and the quantile used."""
@@ -295,11 +514,13 @@ class RMTKDTrainer(Trainer):
         if self.args.stage_max_steps == 0:
             return
         self.optimizer, self.lr_scheduler = None, None
+        # stage checkpoints replace the Trainer's own: a mid-stage one could not be resumed into another width
         full_max_steps, self.args.max_steps = self.args.max_steps, self.args.stage_max_steps
+        save_strategy, self.args.save_strategy = self.args.save_strategy, SaveStrategy.NO
         try:
             self.train()
         finally:
-            self.args.max_steps = full_max_steps
+            self.args.max_steps, self.args.save_strategy = full_max_steps, save_strategy
             self.teacher_model.requires_grad_(True)
 
     def _validation_metric(self) -> float:
@@ -332,20 +553,20 @@ class RMTKDTrainer(Trainer):
             return True
         return args.target_latency_ratio is not None and record["latency_ratio"] <= args.target_latency_ratio
 
-    @staticmethod
-    def _accepted_stages(history: dict) -> int:
-        return sum(stage["status"] == "accepted" for stage in history["stages"])
-
     def _save_final(self, history: dict) -> None:
-        if not self.is_world_process_zero():
-            return
-        output_dir = self.args.output_dir
-        save_compressed(self.model, output_dir, self.processing_class, merge_into_existing=True)
-        with open(os.path.join(output_dir, HISTORY_FILENAME), "w") as file:
-            json.dump(history, file, indent=2)
-        accepted = {stage["stage"] for stage in history["stages"] if stage["status"] == "accepted"}
-        with open(os.path.join(output_dir, SPECTRA_FILENAME), "w") as file:
-            json.dump({str(index): self._stage_spectra[index] for index in sorted(accepted)}, file)
+        """The final model with its history and spectra; ``config.json`` lands last, so an interrupted save never
+        looks complete."""
+        if self.args.should_save:
+            accepted = {stage["stage"] for stage in history["stages"] if stage["status"] == "accepted"}
+            spectra = {str(index): self._stage_spectra[index] for index in sorted(accepted)}
+            save_compressed(
+                self.model,
+                self.args.output_dir,
+                self.processing_class,
+                merge_into_existing=True,
+                json_files={HISTORY_FILENAME: history, SPECTRA_FILENAME: spectra},
+            )
+        self.accelerator.wait_for_everyone()
 
     # -- the hub ----------------------------------------------------------------------------------------------
 
@@ -391,6 +612,25 @@ class RMTKDTrainer(Trainer):
             tags=tags,
             measurements=measurements,
         )
+
+
+def _refuse_pickles(checkpoint: str, names: tuple[str, ...]) -> None:
+    found = [name for name in names if os.path.exists(os.path.join(checkpoint, name))]
+    if found:
+        raise ValueError(
+            f"{checkpoint} holds {', '.join(found)}: pickle files, which RMTKDTrainer never loads (they can run "
+            "code). Resume it with transformers.Trainer, or restart the run without resume_from_checkpoint."
+        )
+    logger.warning("%s has no optimizer/RNG state: resuming with fresh ones.", checkpoint)
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the parameter names, shapes and bytes: identifies the teacher a run started from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _provenance(teacher: nn.Module) -> dict:

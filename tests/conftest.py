@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from transformers import BertConfig
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, default_data_collator
 
 import rmt_kd_hf  # noqa: F401  (registers the Auto classes)
+from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
 
 
 def tiny_bert_config(**overrides) -> BertConfig:
@@ -60,3 +62,53 @@ def logits_of(model, batch):
     if hasattr(output, "start_logits"):
         return torch.stack([output.start_logits, output.end_logits])
     return output.pooler_output  # base models: the pooler reads the rotated stream back
+
+
+def token_task(num_rows: int, seed: int) -> Dataset:
+    """Label 1 when token 7 appears in the sequence: learnable by a tiny BERT in a few dozen steps."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(8, 120, (num_rows, 12), generator=generator)
+    labels = torch.randint(0, 2, (num_rows,), generator=generator)
+    positions = torch.randint(1, 12, (num_rows,), generator=generator)
+    input_ids[labels == 1, positions[labels == 1]] = 7
+    input_ids[:, 0] = 1
+    return Dataset.from_dict(
+        {
+            "input_ids": input_ids.tolist(),
+            "attention_mask": torch.ones_like(input_ids).tolist(),
+            "labels": labels.tolist(),
+        }
+    )
+
+
+def accuracy(eval_prediction):
+    return {"accuracy": float((eval_prediction.predictions.argmax(-1) == eval_prediction.label_ids).mean())}
+
+
+def make_trainer(tmp_path, compute_metrics=accuracy, model=None, **overrides):
+    torch.manual_seed(0)
+    fields = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        learning_rate=3e-3,
+        stage_max_steps=10,
+        max_steps=60,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    fields.update(overrides)
+    args = RMTKDConfig(**fields)
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=2)) if model is None else model
+    return RMTKDTrainer(
+        model=model,
+        args=args,
+        train_dataset=token_task(320, 0),
+        eval_dataset=token_task(128, 1),
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics,
+    )

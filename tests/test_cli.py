@@ -32,3 +32,21 @@ def test_bench_errors_are_one_line(tmp_path, capsys):
     status = main(["bench", str(tmp_path / "missing"), str(tmp_path / "missing"), "--auto_class", "NotAClass"])
     assert status == 2
     assert "is not a transformers AutoModel class" in capsys.readouterr().err
+
+
+def test_compress_help_lists_every_option_with_its_default(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (
+        ("--sigma_quantile", "0.5"),
+        ("--compression_schedule", "one_shot"),
+        ("--stage_max_steps", "300"),
+        ("--distillation_alpha", "0.7"),
+        ("--max_seq_length", "128"),
+        ("--resume_from_checkpoint", "None"),
+    ):
+        assert option in text and f"(default: {default})" in text.split(option, 2)[-1][:600], option

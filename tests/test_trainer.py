@@ -4,13 +4,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, default_data_collator
 
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
 from rmt_kd_hf.trainer import HISTORY_FILENAME, distillation_loss
 
-from .conftest import tiny_bert_config
+from .conftest import make_trainer, tiny_bert_config
 
 
 def test_distillation_loss_matches_a_hand_computation():
@@ -40,56 +39,6 @@ def test_distillation_loss_ignores_padding_labels_and_handles_regression():
     assert distillation_loss(student, teacher, labels).item() == pytest.approx(expected.item())
     student_r, teacher_r, target = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [2.0]]), torch.tensor([1.0, 1.0])
     assert distillation_loss(student_r, teacher_r, target, 0.5).item() == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
-
-
-def token_task(num_rows: int, seed: int) -> Dataset:
-    """Label 1 when token 7 appears in the sequence: learnable by a tiny BERT in a few dozen steps."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(8, 120, (num_rows, 12), generator=generator)
-    labels = torch.randint(0, 2, (num_rows,), generator=generator)
-    positions = torch.randint(1, 12, (num_rows,), generator=generator)
-    input_ids[labels == 1, positions[labels == 1]] = 7
-    input_ids[:, 0] = 1
-    return Dataset.from_dict(
-        {
-            "input_ids": input_ids.tolist(),
-            "attention_mask": torch.ones_like(input_ids).tolist(),
-            "labels": labels.tolist(),
-        }
-    )
-
-
-def accuracy(eval_prediction):
-    return {"accuracy": float((eval_prediction.predictions.argmax(-1) == eval_prediction.label_ids).mean())}
-
-
-def make_trainer(tmp_path, compute_metrics=accuracy, **overrides):
-    torch.manual_seed(0)
-    fields = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=64,
-        learning_rate=3e-3,
-        stage_max_steps=10,
-        max_steps=60,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    fields.update(overrides)
-    args = RMTKDConfig(**fields)
-    model = BertForSequenceClassification(tiny_bert_config(num_labels=2))
-    return RMTKDTrainer(
-        model=model,
-        args=args,
-        train_dataset=token_task(320, 0),
-        eval_dataset=token_task(128, 1),
-        data_collator=default_data_collator,
-        compute_metrics=compute_metrics,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +168,27 @@ def test_too_few_calibration_samples_warn(batches, caplog):
     with caplog.at_level("WARNING"):
         compress_model(teacher, [four_tokens], keep_all=True, progress=False)  # 4 samples, 48 dimensions
     assert "4 calibration samples for 48 dimensions (n < d)" in caplog.text
+
+
+def test_trainer_checkpoints_hold_no_pickles_and_resume_without_unpickling(tmp_path, monkeypatch):
+    import pickle
+
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=4, max_steps=8)
+    trainer.train()
+    reference = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    names = set(os.listdir(checkpoint))
+    assert {"model.safetensors", "optimizer.safetensors", "scheduler.json", "rng_state.safetensors"} <= names
+    assert "training_args.json" in names
+    assert not [name for name in names if name.endswith((".bin", ".pt", ".pth"))]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    resumed = make_trainer(tmp_path, save_strategy="steps", save_steps=4, max_steps=8)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for name, tensor in resumed.model.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6)

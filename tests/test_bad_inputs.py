@@ -1,0 +1,196 @@
+"""Bad input: each case fails with a message that names the problem and its fix, and writes nothing."""
+
+import json
+import os
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from transformers import BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+
+from rmt_kd_hf.cli import main as cli_main
+
+from .conftest import make_trainer, tiny_bert_config
+
+
+def snapshot(root) -> set[str]:
+    return {os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root) for name in names}
+
+
+@pytest.fixture
+def untouched(tmp_path):
+    """Asserts, after the test, that no file appeared under tmp_path other than the ones the test set up."""
+    before = {"value": None}
+
+    def freeze():
+        before["value"] = snapshot(tmp_path)
+
+    yield freeze
+    assert snapshot(tmp_path) == before["value"], "a failed run wrote files"
+
+
+def test_unsupported_architectures(tmp_path, untouched):
+    untouched()
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, num_labels=2))
+    with pytest.raises(ValueError, match=r"no surgery for GPT2ForSequenceClassification\. Supported: BertModel"):
+        make_trainer(tmp_path, model=gpt2)
+    with pytest.raises(ValueError, match="no surgery for BertForMaskedLM"):
+        make_trainer(tmp_path, model=BertForMaskedLM(tiny_bert_config()))
+
+
+def test_empty_calibration_set(tmp_path, untouched):
+    untouched()
+    trainer = make_trainer(tmp_path)
+    trainer.train_dataset = trainer.train_dataset.select([])
+    with pytest.raises(ValueError, match="train_dataset is empty: calibration and distillation need training rows"):
+        trainer.compress()
+
+
+def test_too_small_calibration_set_warns(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, calibration_max_samples=2, stage_max_steps=1, max_metric_drop=1.0)
+    with caplog.at_level("WARNING"):
+        trainer.compress()
+    assert "24 calibration samples for 48 dimensions (n < d)" in caplog.text
+
+
+def test_nan_activations(tmp_path, untouched):
+    untouched()
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=2))
+    with torch.no_grad():
+        model.bert.encoder.layer[0].intermediate.dense.weight[0, 0] = float("nan")
+    trainer = make_trainer(tmp_path, model=model)
+    with pytest.raises(ValueError, match=r"non-finite activations in .*NaN/inf; check the model/inputs"):
+        trainer.compress()
+
+
+def test_every_direction_below_the_edge(tmp_path, untouched):
+    untouched()
+    trainer = make_trainer(tmp_path, sigma_quantile=0.999, mp_refine=False)
+    with pytest.raises(ValueError, match=r"No eigenvalue lies above the Marchenko–Pastur edge at .*k = 0.*lower "):
+        trainer.compress()
+
+
+def test_unreachable_target(tmp_path, untouched):
+    untouched()
+    trainer = make_trainer(tmp_path, target_parameter_ratio=0.01)
+    with pytest.raises(ValueError, match="target_parameter_ratio=0.01 cannot be met.*Raise the target"):
+        trainer.compress()
+
+
+def test_mismatched_tokenizer(tmp_path, untouched):
+    untouched()
+
+    class BertBaseSizedTokenizer:
+        def __len__(self):
+            return 30522
+
+    trainer = make_trainer(tmp_path)
+    trainer.processing_class = BertBaseSizedTokenizer()
+    with pytest.raises(ValueError, match="not the model's tokenizer. Pass the tokenizer saved with the teacher"):
+        trainer.compress()
+
+
+def test_labels_outside_the_head(tmp_path, untouched):
+    untouched()
+    trainer = make_trainer(tmp_path)
+    trainer.train_dataset = trainer.train_dataset.map(lambda row: {"labels": 5})
+    with pytest.raises(ValueError, match=r"labels span 5..5 but the classification head has 2 outputs: map"):
+        trainer.compress()
+
+
+def test_unwritable_output_directory(tmp_path, untouched):
+    (tmp_path / "a_file").write_text("")
+    untouched()
+    trainer = make_trainer(tmp_path)
+    trainer.args.output_dir = str(tmp_path / "a_file" / "out")
+    with pytest.raises(PermissionError, match="Cannot write into output_dir=.*choose a writable one"):
+        trainer.compress()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A completed one-stage run: its stage checkpoint is the raw material of the damaged-checkpoint cases."""
+    tmp_path = tmp_path_factory.mktemp("finished")
+    trainer = make_trainer(tmp_path, stage_max_steps=1, max_metric_drop=1.0)
+    trainer.compress()
+    return tmp_path / "out" / "checkpoint-stage-0"
+
+
+def resume_from(tmp_path, checkpoint, **overrides):
+    trainer = make_trainer(tmp_path, stage_max_steps=1, max_metric_drop=1.0, **overrides)
+    trainer.compress(resume_from_checkpoint=str(checkpoint))
+
+
+def test_truncated_checkpoint(finished_run, tmp_path, untouched):
+    damaged = shutil.copytree(finished_run, tmp_path / "damaged")
+    with open(damaged / "model.safetensors", "r+b") as file:
+        file.truncate(os.path.getsize(damaged / "model.safetensors") // 2)
+    untouched()
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated or corrupted.*resume from an earlier"):
+        resume_from(tmp_path, damaged)
+
+
+def test_checkpoint_from_a_newer_format_version(finished_run, tmp_path, untouched):
+    newer = shutil.copytree(finished_run, tmp_path / "newer")
+    config = json.loads((newer / "config.json").read_text())
+    config["rmt_kd_format_version"] = 99
+    (newer / "config.json").write_text(json.dumps(config))
+    untouched()
+    with pytest.raises(ValueError, match=r"format version 99, newer than .*upgrade rmt-kd-hf"):
+        resume_from(tmp_path, newer)
+
+
+def test_resume_with_other_settings_or_another_teacher(finished_run, tmp_path, untouched):
+    untouched()
+    with pytest.raises(ValueError, match=r"different settings \(sigma_quantile: 0.5 -> 0.3\).*fresh output_dir"):
+        resume_from(tmp_path, finished_run, sigma_quantile=0.3)
+    other_teacher = BertForSequenceClassification(tiny_bert_config(num_labels=2, hidden_act="relu"))
+    with pytest.raises(ValueError, match="different teacher.*pass the teacher the run started from"):
+        resume_from(tmp_path, finished_run, model=other_teacher)
+    with pytest.raises(ValueError, match="is not an RMT-KD stage checkpoint.*or True for the latest"):
+        resume_from(tmp_path, tmp_path)
+
+
+@pytest.fixture
+def csv_files(tmp_path):
+    rows = pd.DataFrame({"sentence": ["good film", "bad film", "fine", "awful"] * 4, "label": [1, 0, 1, 0] * 4})
+    paths = {split: tmp_path / f"{split}.csv" for split in ("train", "validation")}
+    for path in paths.values():
+        rows.to_csv(path, index=False)
+    return paths
+
+
+def cli_compress(model_dir, csv_files, output_dir):
+    return cli_main(
+        [
+            "compress",
+            f"--model_name_or_path={model_dir}",
+            f"--train_file={csv_files['train']}",
+            f"--validation_file={csv_files['validation']}",
+            f"--output_dir={output_dir}",
+            "--do_train",
+            "--report_to=none",
+        ]
+    )
+
+
+def test_cli_refuses_a_truncated_teacher(finished_run, csv_files, tmp_path, capsys, untouched):
+    teacher = tmp_path / "teacher"
+    BertForSequenceClassification(tiny_bert_config(num_labels=2)).save_pretrained(teacher)
+    with open(teacher / "model.safetensors", "r+b") as file:
+        file.truncate(1000)
+    untouched()
+    assert cli_compress(teacher, csv_files, tmp_path / "out") == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("rmt-kd compress: error: ") and "is truncated or corrupted" in last_line
+
+
+def test_cli_never_unpickles_a_teacher(csv_files, tmp_path, capsys, untouched):
+    teacher = tmp_path / "pickled"
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=2))
+    model.config.save_pretrained(teacher)
+    torch.save(model.state_dict(), teacher / "pytorch_model.bin")
+    untouched()
+    assert cli_compress(teacher, csv_files, tmp_path / "out") == 2
+    assert "found pytorch_model.bin: pickle files, which rmt-kd never loads" in capsys.readouterr().err
