@@ -110,6 +110,12 @@ class RMTKDTrainer(Trainer):
             raise TypeError(f"RMTKDTrainer needs an RMTKDConfig as args, got {type(args).__name__}.")
         get_surgery(model)  # unsupported architectures fail here, before any work
         super().__init__(model=model, args=args, **kwargs)
+        if args.push_to_hub and args.hub_strategy != "end":
+            logger.warning(
+                "hub_strategy=%r: Trainer's own push of each checkpoint also uploads training_args.bin (a pickle). "
+                "Use hub_strategy='end' to publish only safetensors and JSON.",
+                getattr(args.hub_strategy, "value", args.hub_strategy),
+            )
         self.teacher_model: nn.Module | None = None
         self.compression_history: dict = {}
 

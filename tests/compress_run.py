@@ -12,13 +12,13 @@ import signal
 
 import torch
 from safetensors.torch import save_file
-from transformers import BertForSequenceClassification, TrainerCallback, default_data_collator
+from transformers import TrainerCallback
 
-from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
+from rmt_kd_hf import RMTKDTrainer
 from rmt_kd_hf.calibration import collect_covariances
 from rmt_kd_hf.surgery import get_surgery
 
-from .conftest import accuracy, tiny_bert_config, token_task
+from .conftest import make_trainer
 
 
 class KillAt(TrainerCallback):
@@ -36,34 +36,20 @@ class KillAt(TrainerCallback):
 
 
 def build_trainer(arguments: argparse.Namespace) -> RMTKDTrainer:
-    torch.manual_seed(0)
-    teacher = BertForSequenceClassification(tiny_bert_config(num_labels=2))
-    config = RMTKDConfig(
+    return make_trainer(
+        None,
+        train_rows=160,
+        eval_rows=64,
+        callbacks=[KillAt(arguments.kill_stage, arguments.kill_step)] if arguments.kill_stage is not None else None,
         output_dir=arguments.output_dir,
         per_device_train_batch_size=8,
         per_device_eval_batch_size=16,
-        learning_rate=3e-3,
         compression_schedule=arguments.schedule,
         stage_max_steps=arguments.stage_max_steps,
         sigma_quantile=0.6,
         max_metric_drop=1.0,
         calibration_fraction=0.5,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
         measure_latency=False,
-    )
-    return RMTKDTrainer(
-        model=teacher,
-        args=config,
-        train_dataset=token_task(160, 0),
-        eval_dataset=token_task(64, 1),
-        data_collator=default_data_collator,
-        compute_metrics=accuracy,
-        callbacks=[KillAt(arguments.kill_stage, arguments.kill_step)] if arguments.kill_stage is not None else None,
     )
 
 

@@ -85,10 +85,13 @@ def accuracy(eval_prediction):
     return {"accuracy": float((eval_prediction.predictions.argmax(-1) == eval_prediction.label_ids).mean())}
 
 
-def make_trainer(tmp_path, compute_metrics=accuracy, model=None, **overrides):
+def make_trainer(
+    tmp_path, compute_metrics=accuracy, model=None, train_rows=320, eval_rows=128, callbacks=None, **overrides
+):
+    """An ``RMTKDTrainer`` on :func:`token_task` with a seeded tiny BERT; ``overrides`` go to ``RMTKDConfig``."""
     torch.manual_seed(0)
     fields = dict(
-        output_dir=str(tmp_path / "out"),
+        output_dir=str(tmp_path / "out") if tmp_path is not None else None,
         per_device_train_batch_size=16,
         per_device_eval_batch_size=64,
         learning_rate=3e-3,
@@ -102,13 +105,13 @@ def make_trainer(tmp_path, compute_metrics=accuracy, model=None, **overrides):
         seed=0,
     )
     fields.update(overrides)
-    args = RMTKDConfig(**fields)
     model = BertForSequenceClassification(tiny_bert_config(num_labels=2)) if model is None else model
     return RMTKDTrainer(
         model=model,
-        args=args,
-        train_dataset=token_task(320, 0),
-        eval_dataset=token_task(128, 1),
+        args=RMTKDConfig(**fields),
+        train_dataset=token_task(train_rows, 0),
+        eval_dataset=token_task(eval_rows, 1),
         data_collator=default_data_collator,
         compute_metrics=compute_metrics,
+        callbacks=callbacks,
     )

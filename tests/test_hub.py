@@ -27,7 +27,7 @@ PUSH = textwrap.dedent(
     import json, pathlib, sys
     import torch
     from transformers import BertTokenizerFast
-    from tests.test_trainer import make_trainer
+    from tests.conftest import make_trainer
 
     output = pathlib.Path(sys.argv[1])
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{{i}}" for i in range(115)]

@@ -9,7 +9,7 @@ from rmt_kd_hf.hub import build_model_card, final_metric, load_history, write_mo
 from rmt_kd_hf.spectral_report import SPECTRA_FILENAME
 from rmt_kd_hf.trainer import HISTORY_FILENAME
 
-from .test_trainer import make_trainer
+from .conftest import make_trainer
 
 
 @pytest.fixture(scope="module")
