@@ -48,7 +48,8 @@ def covariances(output: str) -> None:
     if trainer.is_world_process_zero():
         tensors = {name: accumulator.covariance() for name, accumulator in accumulators.items()}
         tensors.update({f"{name}.num_samples": torch.tensor(a.num_samples) for name, a in accumulators.items()})
-        save_file(tensors, output, metadata={"world_size": str(args.world_size), **history["calibration"]})
+        metadata = {"world_size": args.world_size, **history["calibration"]}
+        save_file(tensors, output, metadata={key: str(value) for key, value in metadata.items()})
 
 
 def compare(first: str, second: str) -> dict:

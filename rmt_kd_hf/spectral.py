@@ -82,7 +82,7 @@ class CovarianceAccumulator:
             bad = int((~torch.isfinite(rows)).sum())
             raise ValueError(
                 f"non-finite activations in {self._label}: {bad} of {rows.numel()} values are NaN/inf; "
-                "check the model/inputs (fp16 overflow?)"
+                "check the model/inputs for NaN/inf weights or values, and calibrate in float32 (fp16 overflow?)"
             )
         self.sum_outer += (rows.T @ rows).cpu()
         self.sum += rows.sum(dim=0).cpu()

@@ -396,23 +396,31 @@ class RMTKDTrainer(Trainer):
         return history
 
     def _calibration_dataloader(self, history: dict) -> torch.utils.data.DataLoader:
-        """The seeded calibration rows; with several processes each reads a disjoint share (no padding rows, unlike
-        an evaluation loader), and the covariances are summed across processes before any eigendecomposition."""
+        """The seeded calibration rows in fixed batches. With several processes each takes every
+        ``world_size``-th batch: the batches are those of a one-process run (same rows, same padding, so the same
+        float32 activations) and no row is padded in twice, as an evaluation loader would; the covariance sums are
+        added across processes before any eigendecomposition."""
         args = self.args
         size = max(1, round(args.calibration_fraction * len(self.train_dataset)))
         if args.calibration_max_samples is not None:
             size = min(size, args.calibration_max_samples)
         rows, digest = calibration_rows(len(self.train_dataset), size, args.seed)
         history["calibration"] = {"num_rows": len(rows), "row_ids_sha256": digest}
-        shard = rows[args.process_index :: args.world_size]
+        batch_size = args.per_device_eval_batch_size
+        batches = [list(range(start, min(start + batch_size, len(rows)))) for start in range(0, len(rows), batch_size)]
+        if len(batches) < args.world_size:
+            raise ValueError(
+                f"{len(rows)} calibration rows make {len(batches)} batches of {batch_size}, fewer than the "
+                f"{args.world_size} processes: lower per_device_eval_batch_size or raise calibration_fraction."
+            )
         collator = self.data_collator
         if hasattr(self.train_dataset, "select"):
-            subset = self._remove_unused_columns(self.train_dataset.select(shard), description="calibration")
+            subset = self._remove_unused_columns(self.train_dataset.select(rows), description="calibration")
         else:
-            subset = torch.utils.data.Subset(self.train_dataset, shard)
+            subset = torch.utils.data.Subset(self.train_dataset, rows)
             collator = self._get_collator_with_removed_columns(collator, description="calibration")
         return torch.utils.data.DataLoader(
-            subset, batch_size=args.per_device_eval_batch_size, collate_fn=collator, shuffle=False
+            subset, batch_sampler=batches[args.process_index :: args.world_size], collate_fn=collator
         )
 
     def _stages(self, surgery) -> list[list[str] | None]:
