@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import TrainingArguments
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -92,6 +96,11 @@ class RMTKDConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not _has_accelerator():
+            # without this, TrainingArguments on a CPU-only machine runs every launched process on its own, all
+            # writing the same output_dir; with it, they form one gloo process group as intended
+            logger.info("Launched with WORLD_SIZE > 1 on a machine without an accelerator: setting use_cpu=True.")
+            self.use_cpu = True
         super().__post_init__()
         checks = {
             "calibration_fraction": 0.0 < self.calibration_fraction <= 1.0,
@@ -125,3 +134,13 @@ class RMTKDConfig(TrainingArguments):
 
 
 __all__ = ["RMTKDConfig"]
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return (
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    )
