@@ -51,11 +51,16 @@ class RMTResNetEmbeddings(nn.Module):
         self.pooler = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.num_channels = config.num_channels
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.shape[1] != self.num_channels:
+    def forward(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        if pixel_values is None:
             raise ValueError(
-                f"pixel_values has {pixel_values.shape[1]} channels but the model expects {self.num_channels} "
-                "(config.num_channels)."
+                "pixel_values is required: pass batches of images as `pixel_values` (batch, channels, height, width), "
+                "as an image processor returns them."
+            )
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"pixel_values must be (batch, {self.num_channels}, height, width) (config.num_channels = "
+                f"{self.num_channels}), got shape {tuple(pixel_values.shape)}."
             )
         return self.pooler(self.embedder(pixel_values))
 
@@ -196,7 +201,7 @@ class RMTResNetModel(RMTResNetPreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
