@@ -58,7 +58,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--stage_steps", type=int, default=300, help="distillation steps per per-layer stage")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="distillation and control learning rate")
-    parser.add_argument("--teacher_max_epochs", type=float, default=10)
+    parser.add_argument("--teacher_max_epochs", type=float, default=6)
     parser.add_argument("--teacher_learning_rate", type=float, default=2e-3)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
