@@ -15,8 +15,9 @@ def get_surgery(model: nn.Module) -> ArchitectureSurgery:
         return ResNetSurgery()
     raise ValueError(
         f"RMT-KD has no surgery for {type(model).__name__}. Supported: BertModel, BertForSequenceClassification, "
-        "BertForTokenClassification, BertForQuestionAnswering, ResNetModel, ResNetForImageClassification (and their "
-        "compressed RMTBert*/RMTResNet* versions)."
+        "BertForTokenClassification, BertForQuestionAnswering, ResNetModel, ResNetForImageClassification, "
+        "TimmWrapperForImageClassification around a plain timm ResNet (and the compressed RMTBert*/RMTResNet* "
+        "versions)."
     )
 
 

@@ -1,5 +1,5 @@
 """RMT-KD surgery for transformers' ResNets (``ResNetModel``, ``ResNetForImageClassification``; bottleneck and
-basic blocks).
+basic blocks) and plain timm ResNets in ``TimmWrapperForImageClassification`` (see ``timm_resnet``).
 
 A teacher is first re-expressed as an ``RMTResNet*`` model (same modules and weights, free widths; ``prepare``).
 Every width is then cut by *channel selection*, which commutes with BatchNorm, ReLU, max pooling and the residual
@@ -33,6 +33,7 @@ from ..models.rmt_resnet import (
 )
 from ..spectral import CovarianceAccumulator
 from .base import Site, SiteAnalysis, least_squares_compensation, select_neurons
+from .timm_resnet import convert_timm_resnet_to_rmt, is_timm_resnet
 
 TEACHER_TO_RMT = {ResNetModel: RMTResNetModel, ResNetForImageClassification: RMTResNetForImageClassification}
 RMT_CLASSES = tuple(TEACHER_TO_RMT.values())
@@ -40,7 +41,8 @@ DEFAULT_IMAGE_SIZE = 224
 
 
 def is_resnet_family(model: nn.Module) -> bool:
-    return type(model) in TEACHER_TO_RMT or isinstance(model, RMT_CLASSES)
+    """transformers' ResNets, their ``RMTResNet*`` forms, and timm ResNets in ``TimmWrapperForImageClassification``."""
+    return type(model) in TEACHER_TO_RMT or isinstance(model, RMT_CLASSES) or is_timm_resnet(model)
 
 
 def _prefix(model: nn.Module) -> str:
@@ -51,6 +53,8 @@ def convert_resnet_to_rmt(model: nn.Module) -> RMTResNetPreTrainedModel:
     """Exact re-expression of a ``ResNet*`` model as an ``RMTResNet*`` model (same parameter names and values)."""
     if isinstance(model, RMT_CLASSES):
         return model
+    if is_timm_resnet(model):
+        return convert_timm_resnet_to_rmt(model)
     rmt_class = TEACHER_TO_RMT.get(type(model))
     if rmt_class is None:
         supported = ", ".join(cls.__name__ for cls in TEACHER_TO_RMT)
@@ -324,8 +328,9 @@ class ResNetSurgery:
     def example_inputs(self, model, batch_size: int, size: int | None = None) -> dict[str, torch.Tensor]:
         """Random ``pixel_values`` (batch_size, num_channels, size, size); ``size`` defaults to 224."""
         side = DEFAULT_IMAGE_SIZE if size is None or size < 1 else size
+        num_channels = model.timm_model.conv1.in_channels if is_timm_resnet(model) else model.config.num_channels
         generator = torch.Generator().manual_seed(0)
-        return {"pixel_values": torch.randn(batch_size, model.config.num_channels, side, side, generator=generator)}
+        return {"pixel_values": torch.randn(batch_size, num_channels, side, side, generator=generator)}
 
 
 __all__ = [
