@@ -1,7 +1,19 @@
 """Tiny random ResNets (with non-trivial BatchNorm statistics) and image batches for the ResNet tests."""
 
+import pytest
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification, ResNetModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny convolutions run fastest on one thread, and do not thrash when other jobs share the cores.
+
+    Import it into a test module to apply it there (autouse)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_resnet_config(**overrides) -> ResNetConfig:
@@ -47,4 +59,4 @@ def outputs_of(model, batch) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output.pooler_output.flatten(1)
 
 
-__all__ = ["ResNetModel", "image_batches", "outputs_of", "tiny_resnet", "tiny_resnet_config"]
+__all__ = ["ResNetModel", "image_batches", "outputs_of", "single_thread", "tiny_resnet", "tiny_resnet_config"]

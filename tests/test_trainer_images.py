@@ -15,6 +15,8 @@ from transformers import (
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
 from rmt_kd_hf.trainer import HISTORY_FILENAME
 
+from .resnet_fixtures import single_thread  # noqa: F401
+
 pytest.importorskip("sklearn", reason="the digits data come from scikit-learn (test extra)")
 
 from rmt_kd_hf.image_data import load_digits  # noqa: E402
@@ -25,16 +27,7 @@ def accuracy(prediction):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and do not thrash on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def compressed_run(tmp_path_factory, one_thread):
+def compressed_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("digits")
     digits = load_digits(seed=0)
     torch.manual_seed(0)

@@ -7,12 +7,13 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from transformers import AutoModelForImageClassification, BertConfig, BertForSequenceClassification
 
 pytest.importorskip("sklearn", reason="the digits data come from scikit-learn (test extra)")
 
 from rmt_kd_hf.image_data import load_digits, save_image_arrays  # noqa: E402
+
+from ..resnet_fixtures import single_thread  # noqa: E402, F401
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "image-classification")
 TINY_RESNET = "embedding_size=8,hidden_sizes=[16,32],depths=[1,1],layer_type=bottleneck"
@@ -38,14 +39,6 @@ def load_script():
     sys.modules["run_image_classification"] = module
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 from rmt_kd_hf import RMTResNetConfig, RMTResNetForImageClassification, RMTResNetModel, compress_model
 from rmt_kd_hf.models.rmt_resnet.configuration_rmt_resnet import AUTO_MAP, RMT_RESNET_FORMAT_VERSION
 
-from ..resnet_fixtures import image_batches, outputs_of, tiny_resnet, tiny_resnet_config
+from ..resnet_fixtures import image_batches, outputs_of, single_thread, tiny_resnet, tiny_resnet_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")

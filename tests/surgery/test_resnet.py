@@ -7,7 +7,7 @@ from rmt_kd_hf import RMTResNetForImageClassification, RMTResNetModel, compress_
 from rmt_kd_hf.surgery import get_surgery
 from rmt_kd_hf.surgery.resnet import ResNetSurgery, convert_resnet_to_rmt
 
-from ..resnet_fixtures import ResNetModel, image_batches, outputs_of, tiny_resnet
+from ..resnet_fixtures import ResNetModel, image_batches, outputs_of, single_thread, tiny_resnet  # noqa: F401
 
 # (layer type, stem width): a stem as wide as stage 0 means no projection shortcut there (stem and stage 0 share
 # one stream).

@@ -12,7 +12,7 @@ from transformers import AutoModelForImageClassification
 from rmt_kd_hf import RMTResNetForImageClassification, compress_model
 from rmt_kd_hf.surgery.timm_resnet import convert_timm_resnet_to_rmt, is_timm_resnet, timm_resnet_problems
 
-from ..resnet_fixtures import image_batches
+from ..resnet_fixtures import image_batches, single_thread  # noqa: F401
 
 
 class Bottleneck(nn.Module):
