@@ -3,17 +3,17 @@
 
 * ``teacher``: ``ResNetForImageClassification`` (stem 32, stages [32, 64, 128, 256], depths [2, 2, 2, 2], bottleneck)
   trained from scratch with early stopping on validation accuracy (best epoch kept); cached in ``work_dir``;
-* ``control``: the teacher trained as many more steps as the RMT arm distils, without compression (compute-matched);
-* ``rmt per-layer q=…``: ``RMTKDTrainer.compress()`` with ``compression_schedule="per_layer"`` (stem, each block's
-  inner channels, each stage's residual stream, shallow to deep), ``--stage_steps`` distillation steps per stage.
-  The quantile is either given (``--quantiles``) or chosen (``--target_reductions``) by bisection so that cutting
-  every site of the teacher at once would remove that fraction of the parameters;
-* ``one-shot q=…, no training``: every site cut at once, evaluated before any training (how far the surgery alone
-  lands).
+* ``rmt …``: ``RMTKDTrainer.compress()`` with ``compression_schedule="per_layer"``: one stage per block's inner
+  channels, per stage's residual stream and for the stem, ``--stage_steps`` distillation steps each. An arm is
+  ``ORDER:QUANTILE:RATIO`` (``--arms``): stage order, σ² quantile, and the parameter ratio at which it stops
+  (``none``: every stage);
+* ``control``: the teacher trained as many more steps as each RMT arm distilled, without compression
+  (compute-matched, one control per distinct step count);
+* ``one-shot q=…, no training``: every site cut at once at each arm's quantile, before any training.
 
 Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (55k train / 5k validation, seeded; the
-official 10k test split, measured once per arm at the end). CPU latency of teacher and students at 28x28 and 224x224
-is measured in this run, one after the other.
+official 10k test split, measured once per arm at the end). CPU latency of the teacher and the smallest student
+within the target is measured in this run, one after the other, at 28x28 and 224x224.
 
     python benchmarks/resnet_fashion_mnist.py   # writes benchmarks/results/resnet_fashion_mnist.{json,md}
 """
@@ -43,7 +43,6 @@ from rmt_kd_hf.data import calibration_subset
 from rmt_kd_hf.image_data import FASHION_MNIST_LABELS, load_fashion_mnist
 from rmt_kd_hf.reports import cpu_latency, parameter_comparison, parameter_counts
 from rmt_kd_hf.surgery import get_surgery
-from rmt_kd_hf.surgery.base import count_parameters, count_parameters_for_config
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -52,9 +51,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="outputs/bench_resnet")
     parser.add_argument("--results_name", default="resnet_fashion_mnist")
-    parser.add_argument("--quantiles", type=float, nargs="*", default=[], help="fixed σ² quantiles of RMT arms")
     parser.add_argument(
-        "--target_reductions", type=float, nargs="*", default=[0.5, 0.6], help="one-shot parameter cuts that pick q"
+        "--arms",
+        nargs="*",
+        default=["deep_to_shallow:0.34:0.5", "deep_to_shallow:0.34:0.4", "shallow_to_deep:0.247:none"],
+        help="RMT arms as ORDER:QUANTILE:RATIO (stop at this parameter ratio; none: run every stage)",
     )
     parser.add_argument("--stage_steps", type=int, default=300, help="distillation steps per per-layer stage")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="distillation and control learning rate")
@@ -158,23 +159,6 @@ def one_shot_analyses(teacher, calibration_loader):
     return surgery, prepared, analyse_sites(surgery.sites(prepared, accumulators), 0.5, refine=True)
 
 
-def quantile_for_reduction(teacher, calibration_loader, reduction: float) -> tuple[float, float]:
-    """The smallest quantile (widest widths) whose one-shot plan removes at least ``reduction`` of the parameters."""
-    surgery, prepared, analyses = one_shot_analyses(teacher, calibration_loader)
-    total = count_parameters(prepared)
-
-    def removed(quantile: float) -> float:
-        candidate = refit_sites(analyses, quantile, refine=True)
-        widths = plan_widths(candidate)
-        return 1 - count_parameters_for_config(type(prepared), surgery.compressed_config(prepared, widths)) / total
-
-    low, high = 0.01, 0.99
-    for _ in range(14):
-        middle = (low + high) / 2
-        low, high = (low, middle) if removed(middle) >= reduction else (middle, high)
-    return high, removed(high)
-
-
 def one_shot_student(teacher, calibration_loader, quantile: float):
     surgery, prepared, analyses = one_shot_analyses(teacher, calibration_loader)
     analyses = refit_sites(analyses, quantile, refine=True)
@@ -248,24 +232,25 @@ class Bench:
         return AutoModelForImageClassification.from_pretrained(os.path.join(self.args.work_dir, "teacher_converged"))
 
     def control(self, steps: int) -> dict:
-        trainer = trainer_for(self.fresh_teacher(), self.data, os.path.join(self.args.work_dir, "control"), self.args)
-        trainer.args.max_steps = steps
+        output_dir = os.path.join(self.args.work_dir, f"control_{steps}")
+        trainer = trainer_for(self.fresh_teacher(), self.data, output_dir, self.args, max_steps=steps)
         start = time.perf_counter()
         trainer.train()
-        return self.measure(
-            "control (+steps, no compression)", trainer, {"steps": steps, "seconds": time.perf_counter() - start}
-        )
+        extra = {"steps": steps, "seconds": time.perf_counter() - start}
+        return self.measure(f"control (+{steps} steps, no compression)", trainer, extra)
 
-    def rmt_per_layer(self, quantile: float, extra: dict) -> tuple[dict, torch.nn.Module]:
-        name = f"rmt per-layer q={quantile:.3f}"
-        output_dir = os.path.join(self.args.work_dir, name.replace(" ", "_"))
+    def rmt_per_layer(self, order: str, quantile: float, ratio: float | None) -> tuple[dict, torch.nn.Module]:
+        name = arm_name(order, quantile, ratio)
+        output_dir = os.path.join(self.args.work_dir, f"rmt_{order}_{quantile}_{ratio}")
         trainer = trainer_for(
             self.fresh_teacher(),
             self.data,
             output_dir,
             self.args,
             compression_schedule="per_layer",
+            stage_order=order,
             sigma_quantile=quantile,
+            target_parameter_ratio=ratio,
             stage_max_steps=self.args.stage_steps,
             max_metric_drop=1.0,  # no rollback: the benchmark reports where the schedule lands
             budget_search=False,
@@ -275,36 +260,59 @@ class Bench:
         history = trainer.compression_history
         steps = sum(self.args.stage_steps for stage in history["stages"] if stage["status"] == "accepted")
         extra = {
-            **extra,
+            "stage_order": order,
             "sigma_quantile": quantile,
+            "target_parameter_ratio": ratio,
             "widths": history["final"]["widths"],
             "distillation_steps": steps,
             "seconds": time.perf_counter() - start,
             "stages": [
                 {key: stage.get(key) for key in ("stage", "status", "eval_accuracy", "parameter_ratio")}
+                | {"sites": list(stage["sites"])}
                 for stage in history["stages"]
             ],
         }
         return self.measure(name, trainer, extra), student
 
 
+def arm_name(order: str, quantile: float, ratio: float | None) -> str:
+    stop = f"to ≤{ratio:.0%} params" if ratio else "every stage"
+    return f"rmt per-layer {order.replace('_', '-')} q={quantile}, {stop}"
+
+
+def parse_arm(spec: str) -> tuple[str, float, float | None]:
+    order, quantile, ratio = spec.split(":")
+    if order not in ("shallow_to_deep", "deep_to_shallow"):
+        raise ValueError(f"arm {spec!r}: order must be shallow_to_deep or deep_to_shallow")
+    return order, float(quantile), None if ratio == "none" else float(ratio)
+
+
 def run_arms(bench: Bench) -> tuple[list[dict], dict]:
-    args = bench.args
-    bench.measure(
-        "teacher (converged)", bench.evaluator(bench.teacher), {"train_seconds": bench.teacher_info["seconds"]}
-    )
-    quantiles = {quantile: {} for quantile in args.quantiles}
-    for reduction in args.target_reductions:
-        quantile, planned = quantile_for_reduction(bench.teacher, bench.calibration_loader, reduction)
-        quantiles[round(quantile, 3)] = {"one_shot_plan_reduction": planned, "target_reduction": reduction}
-    students = {}
-    for quantile, extra in quantiles.items():
+    arms = [parse_arm(spec) for spec in bench.args.arms]
+    extra = {"train_seconds": bench.teacher_info["seconds"]}
+    bench.measure("teacher (converged)", bench.evaluator(bench.teacher), extra)
+    for quantile in sorted({quantile for _, quantile, _ in arms}):
         before = one_shot_student(bench.teacher, bench.calibration_loader, quantile)
-        bench.measure(f"one-shot q={quantile:.3f}, no training", bench.evaluator(before), {"sigma_quantile": quantile})
-        row, students[quantile] = bench.rmt_per_layer(quantile, extra)
-    steps = max((row.get("distillation_steps", 0) for row in bench.rows), default=0)
-    bench.control(steps)
+        bench.measure(f"one-shot q={quantile}, every site, no training", bench.evaluator(before))
+    students = {}
+    for order, quantile, ratio in arms:
+        row, students[(order, quantile, ratio)] = bench.rmt_per_layer(order, quantile, ratio)
+    for steps in sorted({row["distillation_steps"] for row in bench.rows if "distillation_steps" in row}):
+        bench.control(steps)
     return bench.rows, students
+
+
+def smallest_within_target(rows: list[dict], students: dict, max_drop: float = 0.01):
+    """The student with the fewest parameters within ``max_drop`` test accuracy of the teacher (else the best)."""
+    teacher_accuracy = rows[0]["test_accuracy"]
+    by_arm = {row["arm"]: row for row in rows}
+    candidates = []
+    for key, student in students.items():
+        candidates.append((by_arm[arm_name(*key)], student))
+    within = [item for item in candidates if item[0]["test_accuracy"] >= teacher_accuracy - max_drop]
+    if within:
+        return min(within, key=lambda item: item[0]["parameters"])
+    return max(candidates, key=lambda item: item[0]["test_accuracy"])
 
 
 def main(argv=None) -> dict:
@@ -317,8 +325,10 @@ def main(argv=None) -> dict:
         print(json.dumps({k: v for k, v in bench.teacher_info.items() if k != "log_history"}))
         return bench.teacher_info
     rows, students = run_arms(bench)
-    smallest = min(students.items(), key=lambda item: count_parameters(item[1]))[1] if students else None
-    speed = measure_speed(bench.teacher, smallest) if smallest is not None else {}
+    speed = {}
+    if students:
+        row, student = smallest_within_target(rows, students)
+        speed = {"student": row["arm"], **measure_speed(bench.teacher, student)}
     result = {
         "task": "Fashion-MNIST (Debian dataset-fashion-mnist): 55k train / 5k validation (seeded) / official 10k test",
         "teacher": {
@@ -350,22 +360,27 @@ def write_results(result: dict, name: str) -> None:
         f"{result['teacher']['architecture']}, trained from scratch in {training['seconds'] / 60:.1f} min "
         f"({training['steps']} steps, early stopping on validation accuracy).",
         "",
-        "| arm | test acc | Δ vs teacher (pt) | validation acc | params | reduction | steps after teacher |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | test acc | Δ vs teacher (pt) | Δ vs control, same steps (pt) | validation acc | params | reduction "
+        "| steps after teacher |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    controls = {row["steps"]: row["test_accuracy"] for row in result["rows"] if row["arm"].startswith("control")}
     for row in result["rows"]:
         accuracy_value, delta = 100 * row["test_accuracy"], 100 * (row["test_accuracy"] - teacher_accuracy)
         steps = row.get("distillation_steps", row.get("steps", ""))
+        control = controls.get(row.get("distillation_steps"))
+        versus_control = "" if control is None else f"{100 * (row['test_accuracy'] - control):+.2f}"
         lines.append(
-            f"| {row['arm']} | {accuracy_value:.2f}% | {delta:+.2f} | {100 * row['validation_accuracy']:.2f}% "
-            f"| {row['parameters']:,} | {100 * row['parameter_reduction']:.1f}% | {steps} |"
+            f"| {row['arm']} | {accuracy_value:.2f}% | {delta:+.2f} | {versus_control} "
+            f"| {100 * row['validation_accuracy']:.2f}% | {row['parameters']:,} "
+            f"| {100 * row['parameter_reduction']:.1f}% | {steps} |"
         )
     speed = result["speed"]
     if speed:
         lines += [
             "",
             f"CPU latency, {speed['threads']} threads, same run (machine shared with other jobs, load "
-            f"average {result['load_average_at_end'][0]:.1f} at the end): smallest student vs teacher",
+            f"average {result['load_average_at_end'][0]:.1f} at the end): {speed['student']} vs teacher",
         ]
         for key in speed["latency_seconds"]:
             times = speed["latency_seconds"][key]
