@@ -283,12 +283,11 @@ def block_stages(model: RMTResNetPreTrainedModel) -> list[list[str]]:
     """Sites grouped shallow to deep: the stem, then per stage each block's inner sites and the stage's stream."""
     config = model.config
     stream_of_stage = stream_sites(config)
+    blocks = _blocks(config)
     stages = [["stem"]]
-    for block in _blocks(config):
+    for block in blocks:
         stages.append([f"block.{block.index}.conv{inner + 1}" for inner in range(block.num_inner)])
-        is_last_of_stage = (
-            block.index == len(_blocks(config)) - 1 or _blocks(config)[block.index + 1].stage != block.stage
-        )
+        is_last_of_stage = block is blocks[-1] or blocks[block.index + 1].stage != block.stage
         if is_last_of_stage and stream_of_stage[block.stage] == f"stage.{block.stage}":
             stages.append([f"stage.{block.stage}"])
     return stages
