@@ -92,3 +92,13 @@ def test_the_saved_student_reloads_with_identical_logits(compressed_run):
         torch.testing.assert_close(
             reloaded.eval()(pixel_values=pixels).logits, model.eval()(pixel_values=pixels).logits
         )
+
+
+def test_the_model_card_names_the_image_task(compressed_run):
+    from huggingface_hub import ModelCard
+
+    trainer, _, _, _ = compressed_run
+    trainer.create_model_card(model_name="digits-rmt-kd", dataset="sklearn-digits")
+    card = ModelCard.load(os.path.join(trainer.args.output_dir, "README.md"))
+    assert card.data.pipeline_tag == "image-classification"
+    assert "AutoModelForImageClassification.from_pretrained" in card.text
