@@ -3,6 +3,7 @@
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForImageClassification,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -18,6 +19,7 @@ from .models.rmt_bert import (
     RMTBertForTokenClassification,
     RMTBertModel,
 )
+from .models.rmt_resnet import RMTResNetConfig, RMTResNetForImageClassification, RMTResNetModel
 from .spectral import (
     CovarianceAccumulator,
     MarchenkoPasturFit,
@@ -41,6 +43,10 @@ _AUTO_CLASSES = {
     "AutoModelForTokenClassification": (AutoModelForTokenClassification, RMTBertForTokenClassification),
     "AutoModelForQuestionAnswering": (AutoModelForQuestionAnswering, RMTBertForQuestionAnswering),
 }
+_RESNET_AUTO_CLASSES = {
+    "AutoModel": (AutoModel, RMTResNetModel),
+    "AutoModelForImageClassification": (AutoModelForImageClassification, RMTResNetForImageClassification),
+}
 
 
 def _register_auto_classes() -> None:
@@ -49,6 +55,11 @@ def _register_auto_classes() -> None:
     for auto_name, (auto_class, model_class) in _AUTO_CLASSES.items():
         auto_class.register(RMTBertConfig, model_class, exist_ok=True)
         # save_pretrained then copies the modeling files beside the weights (trust_remote_code loading).
+        model_class.register_for_auto_class(auto_name)
+    AutoConfig.register(RMTResNetConfig.model_type, RMTResNetConfig, exist_ok=True)
+    RMTResNetConfig.register_for_auto_class()
+    for auto_name, (auto_class, model_class) in _RESNET_AUTO_CLASSES.items():
+        auto_class.register(RMTResNetConfig, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_name)
 
 
@@ -66,6 +77,9 @@ __all__ = [
     "RMTBertModel",
     "RMTKDConfig",
     "RMTKDTrainer",
+    "RMTResNetConfig",
+    "RMTResNetForImageClassification",
+    "RMTResNetModel",
     "analyse_sites",
     "collect_covariances",
     "compress_model",

@@ -31,6 +31,7 @@ _TASKS = {  # architecture suffix -> (pipeline/task tag, Auto class)
     "ForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
     "ForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
     "ForQuestionAnswering": ("question-answering", "AutoModelForQuestionAnswering"),
+    "ForImageClassification": ("image-classification", "AutoModelForImageClassification"),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -4,16 +4,21 @@ from torch import nn
 
 from .base import ArchitectureSurgery, Site, SiteAnalysis
 from .bert import BertSurgery, is_bert_family
+from .resnet import ResNetSurgery, is_resnet_family
 
 
 def get_surgery(model: nn.Module) -> ArchitectureSurgery:
     """The surgery for ``model``'s architecture family; a clear error for anything unsupported."""
     if is_bert_family(model):
         return BertSurgery()
+    if is_resnet_family(model):
+        return ResNetSurgery()
     raise ValueError(
         f"RMT-KD has no surgery for {type(model).__name__}. Supported: BertModel, BertForSequenceClassification, "
-        "BertForTokenClassification, BertForQuestionAnswering (and their compressed RMTBert* versions)."
+        "BertForTokenClassification, BertForQuestionAnswering, ResNetModel, ResNetForImageClassification, "
+        "TimmWrapperForImageClassification around a plain timm ResNet (and the compressed RMTBert*/RMTResNet* "
+        "versions)."
     )
 
 
-__all__ = ["ArchitectureSurgery", "BertSurgery", "Site", "SiteAnalysis", "get_surgery"]
+__all__ = ["ArchitectureSurgery", "BertSurgery", "ResNetSurgery", "Site", "SiteAnalysis", "get_surgery"]
