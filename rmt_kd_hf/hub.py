@@ -88,7 +88,9 @@ def _number(value: float | int | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _results_rows(history: Mapping, measurements: Mapping[str, Sequence] | None) -> list[tuple[str, str, str]]:
+def _results_rows(
+    history: Mapping, measurements: Mapping[str, Sequence] | None, images: bool = False
+) -> list[tuple[str, str, str]]:
     metric = history["config"]["compression_metric"]
     teacher, final = history["teacher"], history["final"]
     rows = [
@@ -110,7 +112,9 @@ def _results_rows(history: Mapping, measurements: Mapping[str, Sequence] | None)
     for batch_size in (1, 32):
         timing = latency.get(f"batch_{batch_size}")
         if timing:
-            name = f"CPU latency, batch {batch_size} × {latency['sequence_length']} tokens (ms)"
+            size = latency["sequence_length"]
+            shape = f"{size}×{size} px images" if images else f"{size} tokens"
+            name = f"CPU latency, batch {batch_size} × {shape} (ms)"
             rows.append((name, _number(1e3 * timing["teacher"]), _number(1e3 * timing["compressed"])))
     for name, (teacher_value, compressed_value) in (measurements or {}).items():
         rows.append((name, _number(teacher_value), _number(compressed_value)))
@@ -168,6 +172,7 @@ def build_model_card(
     has_spectra: bool = False,
     measurements: Mapping[str, Sequence] | None = None,
     template_str: str | None = None,
+    processor_class: str | None = "AutoTokenizer",
 ) -> ModelCard:
     """The model card of one RMT-KD run.
 
@@ -224,7 +229,9 @@ def build_model_card(
         repo_id=repo_id or model_name,
         base_model=base_model,
         auto_class=auto_class,
-        results_rows=_results_rows(history, measurements),
+        processor_class=processor_class,
+        processor_name={"AutoImageProcessor": "image_processor", "AutoTokenizer": "tokenizer"}.get(processor_class),
+        results_rows=_results_rows(history, measurements, images=task == "image-classification"),
         metric_note=f"The compressed {metric} is the last accepted stage's; parameters in parentheses are the "
         "fraction of the teacher's.",
         stages=_stage_views(history),
@@ -273,6 +280,15 @@ def write_model_card(directory: str | os.PathLike, *, plots: bool = True, **card
     history = load_history(directory)
     card_kwargs.setdefault("model_name", os.path.basename(os.path.abspath(directory)))
     config_path = os.path.join(directory, "config.json")
+    if "processor_class" not in card_kwargs:  # name only what was saved beside the weights
+        saved = set(os.listdir(directory))
+        card_kwargs["processor_class"] = (
+            "AutoTokenizer"
+            if "tokenizer_config.json" in saved
+            else "AutoImageProcessor"
+            if "preprocessor_config.json" in saved
+            else None
+        )
     if "architecture" not in card_kwargs and os.path.exists(config_path):
         with open(config_path) as file:
             card_kwargs["architecture"] = (json.load(file).get("architectures") or [None])[0]

@@ -103,3 +103,5 @@ def test_the_model_card_names_the_image_task(compressed_run):
     card = ModelCard.load(os.path.join(trainer.args.output_dir, "README.md"))
     assert card.data.pipeline_tag == "image-classification"
     assert "AutoModelForImageClassification.from_pretrained" in card.text
+    assert "AutoTokenizer" not in card.text  # no tokenizer (nor image processor) was saved with this model
+    assert "× 16×16 px images (ms)" in card.text
