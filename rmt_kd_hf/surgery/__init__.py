@@ -6,10 +6,13 @@ from .base import ArchitectureSurgery, Site, SiteAnalysis
 from .bert import BertSurgery, is_bert_family
 
 
-def get_surgery(model: nn.Module) -> ArchitectureSurgery:
-    """The surgery for ``model``'s architecture family; a clear error for anything unsupported."""
+def get_surgery(model: nn.Module, **options) -> ArchitectureSurgery:
+    """The surgery for ``model``'s architecture family; a clear error for anything unsupported.
+
+    ``options`` go to the family's surgery (BERT: ``reduce_attention_heads``, ``factorize_word_embeddings``).
+    """
     if is_bert_family(model):
-        return BertSurgery()
+        return BertSurgery(**options)
     raise ValueError(
         f"RMT-KD has no surgery for {type(model).__name__}. Supported: BertModel, BertForSequenceClassification, "
         "BertForTokenClassification, BertForQuestionAnswering (and their compressed RMTBert* versions)."
