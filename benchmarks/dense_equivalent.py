@@ -20,8 +20,14 @@ import statistics
 import sys
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertConfig, BertModel
-from transformers import BertForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+)
 
 import rmt_kd_hf  # noqa: F401  (registers the RMTBert auto classes)
 from rmt_kd_hf.reports import cpu_latency, parameter_counts
