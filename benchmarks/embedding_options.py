@@ -48,10 +48,9 @@ def predict(model, tokenizer, texts: list[str], max_length: int) -> tuple[torch.
     model.eval()
     logits, pooled = [], []
     for batch in text_dataloader(texts, tokenizer, batch_size=64, max_length=max_length):
-        output = model(**batch, output_hidden_states=False)
-        logits.append(output.logits)
-        base = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        pooled.append(base.pooler_output)
+        pooler_output = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+        logits.append(model.classifier(model.dropout(pooler_output)))  # what model(**batch).logits computes
+        pooled.append(pooler_output)
     return torch.cat(logits), torch.cat(pooled)
 
 

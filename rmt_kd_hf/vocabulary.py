@@ -167,6 +167,16 @@ def remap_token_ids(input_ids: torch.Tensor, kept_token_ids: Sequence[int], unk_
     return torch.where(outside, torch.full_like(remapped, new_unk), remapped)
 
 
+def remap_dataset_token_ids(dataset, kept_token_ids: Sequence[int], unk_token_id: int, column: str = "input_ids"):
+    """A ``datasets.Dataset`` tokenized with the original vocabulary, its ``column`` remapped (``remap_token_ids``)."""
+    kept = list(kept_token_ids)
+
+    def remap(batch: dict) -> dict:
+        return {column: [remap_token_ids(torch.tensor(ids), kept, unk_token_id).tolist() for ids in batch[column]]}
+
+    return dataset.map(remap, batched=True, desc="Remapping token ids")
+
+
 def trim_vocabulary(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -192,6 +202,7 @@ def trim_vocabulary(
 
 
 __all__ = [
+    "remap_dataset_token_ids",
     "remap_token_ids",
     "trim_embeddings",
     "trim_tokenizer",

@@ -138,3 +138,16 @@ def test_real_minilm_trims_and_reloads_with_auto_classes(tmp_path):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
     # "xylophone" has an "x", which the three texts never use: the whole word becomes [UNK].
     assert reloaded_tokenizer.tokenize("the xylophone plot") == ["the", "[UNK]", "plot"]
+
+
+def test_a_tokenized_dataset_is_remapped(tokenizer):
+    from datasets import Dataset
+
+    from rmt_kd_hf.vocabulary import remap_dataset_token_ids
+
+    dataset = Dataset.from_dict(tokenizer(["a quiet film", "the zebra"]))
+    kept = vocabulary_to_keep(tokenizer, dataset[0]["input_ids"], keep_alphabet=False)
+    remapped = remap_dataset_token_ids(dataset, kept, tokenizer.unk_token_id)
+    trimmed = trim_tokenizer(tokenizer, kept)
+    assert remapped[0]["input_ids"] == trimmed("a quiet film")["input_ids"]
+    assert trimmed.convert_ids_to_tokens(remapped[1]["input_ids"]) == ["[CLS]", "[UNK]", "[UNK]", "[SEP]"]
