@@ -176,7 +176,29 @@ def main(argv=None) -> dict:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(os.path.join(RESULTS_DIR, f"{args.results_name}.json"), "w") as file:
         json.dump(result, file, indent=2)
+    with open(os.path.join(RESULTS_DIR, f"{args.results_name}.md"), "w") as file:
+        file.write(markdown_table(result, args.results_name))
     return result
+
+
+def markdown_table(result: dict, name: str) -> str:
+    lines = [
+        f"# {name}",
+        "",
+        f"Command: `{result['command']}` ({result['wall_seconds'] / 60:.0f} min on 2 shared CPU cores). "
+        f"Held out: {result['held_out']}. No distillation: every figure is right after the surgery.",
+        "",
+        "| arm | params | reduction | embedding params | vocab | word rank | val acc | agreement | pooled cosine |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['arm']} | {row['parameters']:,} | {100 * row['parameter_reduction']:.1f}% "
+            f"| {row['embedding_parameters']:,} | {row['vocab_size']:,} | {row['word_embedding_rank'] or '-'} "
+            f"| {100 * row['validation_accuracy']:.2f}% | {100 * row['agreement_with_teacher']:.2f}% "
+            f"| {row['pooled_cosine_to_teacher']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

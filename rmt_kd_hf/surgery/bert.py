@@ -268,9 +268,29 @@ def _ffn_rewrite(rewriter: _Rewriter, layer: int, analysis: SiteAnalysis, basis_
     analysis.extra["kept_neurons"] = kept.tolist()
 
 
-def _per_head_size(width: int, num_heads: int) -> int:
+# Per-head sizes are rounded up to a multiple of this (capped at the current size): CPU attention kernels run
+# 16-wide heads faster than 13- or 15-wide ones.
+HEAD_SIZE_MULTIPLE = 8
+
+
+def _per_head_size(width: int, num_heads: int, current: int) -> int:
     """Per-head size of an attention site that keeps ``width`` directions over all heads (rounded up)."""
-    return math.ceil(width / num_heads)
+    return min(current, HEAD_SIZE_MULTIPLE * math.ceil(width / num_heads / HEAD_SIZE_MULTIPLE))
+
+
+def _head_sizes(config: RMTBertConfig, widths: dict[str, int], layer: int) -> tuple[int, int]:
+    """(query/key, value) per-head sizes of ``layer``. With both sites analysed they are made equal (the larger):
+    scaled_dot_product_attention falls back to a ~4x slower kernel on CPU when they differ."""
+    num_heads = config.num_attention_heads
+    query_key, value = config.query_key_head_sizes[layer], config.value_head_sizes[layer]
+    if f"attention.{layer}.query_key" in widths:
+        query_key = _per_head_size(widths[f"attention.{layer}.query_key"], num_heads, query_key)
+    if f"attention.{layer}.value" in widths:
+        value = _per_head_size(widths[f"attention.{layer}.value"], num_heads, value)
+    if f"attention.{layer}.query_key" in widths and f"attention.{layer}.value" in widths:
+        limit = min(config.query_key_head_sizes[layer], config.value_head_sizes[layer])
+        query_key = value = min(max(query_key, value), limit)
+    return query_key, value
 
 
 def _factored_rank(rank: int, vocab_size: int, embedding_size: int) -> int | None:
@@ -280,7 +300,7 @@ def _factored_rank(rank: int, vocab_size: int, embedding_size: int) -> int | Non
 
 def compressed_config(model: RMTBertPreTrainedModel, widths: dict[str, int]) -> RMTBertConfig:
     """The config of ``model`` cut to ``widths`` (site name -> kept width); sites not in ``widths`` keep theirs."""
-    num_layers, num_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    num_layers = model.config.num_hidden_layers
     config = RMTBertConfig.from_dict(model.config.to_dict())
     config.rmt_kd_format_version = RMT_BERT_FORMAT_VERSION  # apply_bert_bases writes the current format
     config.embedding_size = widths["embeddings"]
@@ -288,11 +308,9 @@ def compressed_config(model: RMTBertPreTrainedModel, widths: dict[str, int]) -> 
         config.word_embedding_rank = _factored_rank(widths["word_embeddings"], config.vocab_size, widths["embeddings"])
     config.boundary_sizes = [widths[f"boundary.{b}"] for b in range(2 * num_layers + 1)]
     config.intermediate_sizes = [widths[f"ffn.{layer}"] for layer in range(num_layers)]
-    for layer in range(num_layers):
-        if f"attention.{layer}.query_key" in widths:
-            config.query_key_head_sizes[layer] = _per_head_size(widths[f"attention.{layer}.query_key"], num_heads)
-        if f"attention.{layer}.value" in widths:
-            config.value_head_sizes[layer] = _per_head_size(widths[f"attention.{layer}.value"], num_heads)
+    head_sizes = [_head_sizes(model.config, widths, layer) for layer in range(num_layers)]
+    config.query_key_head_sizes = [query_key for query_key, _ in head_sizes]
+    config.value_head_sizes = [value for _, value in head_sizes]
     config.hidden_size = config.boundary_sizes[-1]
     return config
 
@@ -317,23 +335,28 @@ def _map_heads(maps: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
 
 
 def _attention_rewrite(
-    rewriter: _Rewriter, layer: int, analyses: dict[str, SiteAnalysis], num_heads: int, basis_in: torch.Tensor
+    rewriter: _Rewriter,
+    layer: int,
+    analyses: dict[str, SiteAnalysis],
+    new_config: RMTBertConfig,
+    basis_in: torch.Tensor,
 ) -> None:
     """Per-head query/key and value/output maps (when analysed), then the residual basis on every projection."""
+    num_heads = new_config.num_attention_heads
     base = f"encoder.layer.{layer}.attention"
     weights = {name: rewriter.get(f"{base}.self.{name}.weight") for name in ("query", "key", "value")}
     biases = {name: rewriter.get(f"{base}.self.{name}.bias") for name in ("query", "key", "value")}
     output_weight = rewriter.get(f"{base}.output.dense.weight")  # (width, heads * dv)
     query_key = analyses.get(f"attention.{layer}.query_key")
     if query_key is not None:
-        rank = _per_head_size(query_key.kept_width, num_heads)
+        rank = new_config.query_key_head_sizes[layer]
         factors = query_key.site.factors
         weights["query"], biases["query"] = _map_heads(factors["left"][:, :rank], weights["query"], biases["query"])
         no_bias = torch.zeros_like(biases["key"])  # the softmax ignores the key bias
         weights["key"], biases["key"] = _map_heads(factors["right"][:, :rank], weights["key"], no_bias)
     value = analyses.get(f"attention.{layer}.value")
     if value is not None:
-        rank = _per_head_size(value.kept_width, num_heads)
+        rank = new_config.value_head_sizes[layer]
         left, right = value.site.factors["left"][:, :rank], value.site.factors["right"][:, :rank]
         weights["value"], biases["value"] = _map_heads(left, weights["value"], biases["value"])
         columns = output_weight.reshape(output_weight.shape[0], num_heads, -1)
@@ -385,7 +408,7 @@ def apply_bert_bases(model: RMTBertPreTrainedModel, analyses: dict[str, SiteAnal
     for layer in range(num_layers):
         base = f"encoder.layer.{layer}"
         basis_in, basis_mid, basis_out = bases[2 * layer], bases[2 * layer + 1], bases[2 * layer + 2]
-        _attention_rewrite(rewriter, layer, analyses, config.num_attention_heads, basis_in)
+        _attention_rewrite(rewriter, layer, analyses, new_config, basis_in)
         rewriter.lifted_norm(f"{base}.attention.output.LayerNorm", basis_in, basis_mid, config.norm_size)
         _ffn_rewrite(rewriter, layer, analyses[f"ffn.{layer}"], basis_mid)
         rewriter.lifted_norm(f"{base}.output.LayerNorm", basis_mid, basis_out, config.norm_size)

@@ -3,6 +3,8 @@ import torch
 from transformers import BertForQuestionAnswering, BertForSequenceClassification, BertModel
 
 from rmt_kd_hf import compress_model
+from rmt_kd_hf.surgery import bert as bert_surgery
+from rmt_kd_hf.surgery.bert import convert_bert_to_rmt
 from rmt_kd_hf.surgery.heads import head_blocks, query_key_reduction, value_output_reduction
 
 from ..conftest import logits_of, tiny_bert_config
@@ -67,34 +69,37 @@ def test_keep_all_with_head_and_rank_sites_reproduces_the_teacher(teacher_class,
         torch.testing.assert_close(logits_of(student, batch), logits_of(teacher, batch), atol=1e-5, rtol=0)
 
 
-def test_per_head_reduction_cuts_attention_widths(batches):
+def test_per_head_reduction_cuts_attention_widths(batches, monkeypatch):
+    monkeypatch.setattr(bert_surgery, "HEAD_SIZE_MULTIPLE", 1)  # exact MP sizes (the default rounds up to 8)
     torch.manual_seed(3)
     teacher = BertForSequenceClassification(tiny_bert_config()).eval()
     student, report = compress_model(teacher, batches, sigma_quantile=0.6, progress=False, surgery_options=HEADS_ON)
     config = student.config
     for layer in range(2):
-        for name, sizes in (("query_key", config.query_key_head_sizes), ("value", config.value_head_sizes)):
-            kept = report.kept_widths[f"attention.{layer}.{name}"]
-            assert kept == max(
-                1,
-                int(
-                    (
-                        report.analyses[f"attention.{layer}.{name}"].eigenvalues
-                        > report.analyses[f"attention.{layer}.{name}"].fit.lambda_plus
-                    ).sum()
-                ),
-            )
-            assert sizes[layer] == -(-kept // 4) < 12
+        kept = {}
+        for name in ("query_key", "value"):
+            analysis = report.analyses[f"attention.{layer}.{name}"]
+            kept[name] = analysis.kept_width
+            assert kept[name] == max(1, int((analysis.eigenvalues > analysis.fit.lambda_plus).sum()))
+        # One size per layer for queries/keys and values (the fast attention kernel needs them equal): the larger.
+        expected = -(-max(kept.values()) // 4)
+        assert config.query_key_head_sizes[layer] == config.value_head_sizes[layer] == expected < 12
     attention = student.bert.encoder.layer[0].attention
     assert attention.self.query.out_features == 4 * config.query_key_head_sizes[0]
     assert attention.output.dense.in_features == 4 * config.value_head_sizes[0]
     assert torch.count_nonzero(attention.self.key.bias) == 0  # the softmax ignores it
+    inputs = {"input_ids": batches[0]["input_ids"], "attention_mask": batches[0]["attention_mask"]}
     with torch.no_grad():
-        output = student(
-            input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"], output_attentions=True
-        )
+        output = student(**inputs, output_attentions=True)
     assert output.attentions[0].shape == (8, 4, 16, 16)
     torch.testing.assert_close(output.logits, logits_of(student, batches[0]), atol=1e-5, rtol=0)
+
+
+def test_head_sizes_round_up_to_the_multiple_and_never_grow(config):
+    rmt_config = convert_bert_to_rmt(BertModel(tiny_bert_config(hidden_size=64, num_attention_heads=2))).config
+    widths = {"attention.0.query_key": 13, "attention.0.value": 3, "attention.1.value": 63}
+    assert bert_surgery._head_sizes(rmt_config, widths, 0) == (8, 8)  # ceil(13 / 2) = 7 -> 8, value follows
+    assert bert_surgery._head_sizes(rmt_config, widths, 1) == (32, 32)  # 32 is the current size: no growth
 
 
 def test_a_reduced_model_can_be_reduced_again_exactly(batches):
