@@ -42,6 +42,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per model per round (batch 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--output", default=None, help="write the result as JSON here")
+    parser.add_argument(
+        "--format_1_reference",
+        action="store_true",
+        help="also time the checkpoint re-expressed in format 1 (uncentred lifted LayerNorm, as before the fusion)",
+    )
     return parser.parse_args(argv)
 
 
@@ -68,6 +73,21 @@ def load_pair(checkpoint: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     return compressed, dense
 
 
+def format_1_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same function in format 1: ``W = W_centred + g cᵀ/d`` with ``g = 0`` computes ``(W u - m g) / s + b``
+    exactly as format 2 does, at format 1's cost."""
+    config = type(model.config).from_dict({**model.config.to_dict(), "rmt_kd_format_version": 1})
+    reference = type(model)(config).eval()
+    state = dict(model.state_dict())
+    for name in list(state):
+        if name.endswith(".mean_direction"):
+            state[name.replace(".mean_direction", ".gain_direction")] = torch.zeros_like(
+                state[name.replace(".mean_direction", ".bias")]
+            )
+    reference.load_state_dict(state, strict=True)
+    return reference
+
+
 def alternating_latency(models: dict, batch_size: int, sequence_length: int, rounds: int, repeats: int) -> dict:
     """Median over ``rounds`` of each model's median latency (seconds), the models alternating every round."""
     per_round = {name: [] for name in models}
@@ -81,24 +101,25 @@ def main(argv=None) -> dict:
     args = parse_arguments(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     compressed, dense = load_pair(args.checkpoint)
+    models = {"compressed": compressed, "dense_equivalent": dense}
+    if args.format_1_reference:
+        models["compressed_format_1"] = format_1_copy(compressed)
     load_before = os.getloadavg()
     results = {}
     for batch_size in args.batch_sizes:
         repeats = args.repeats if batch_size == 1 else max(2, args.repeats // 4)
-        latency = alternating_latency(
-            {"compressed": compressed, "dense_equivalent": dense},
-            batch_size,
-            args.sequence_length,
-            args.rounds,
-            repeats,
-        )
+        latency = alternating_latency(models, batch_size, args.sequence_length, args.rounds, repeats)
         ratio = latency["compressed"] / latency["dense_equivalent"]
         results[f"batch_{batch_size}"] = {**latency, "ratio": ratio}
-        print(
+        line = (
             f"batch {batch_size:>3}, seq {args.sequence_length}: compressed {1e3 * latency['compressed']:.2f} ms, "
-            f"dense equivalent {1e3 * latency['dense_equivalent']:.2f} ms, ratio {ratio:.3f}",
-            flush=True,
+            f"dense equivalent {1e3 * latency['dense_equivalent']:.2f} ms, ratio {ratio:.3f}"
         )
+        if args.format_1_reference:
+            format_1_ratio = latency["compressed_format_1"] / latency["dense_equivalent"]
+            results[f"batch_{batch_size}"]["format_1_ratio"] = format_1_ratio
+            line += f"; format 1 {1e3 * latency['compressed_format_1']:.2f} ms, ratio {format_1_ratio:.3f}"
+        print(line, flush=True)
     config = compressed.config
     result = {
         "checkpoint": os.path.abspath(args.checkpoint),

@@ -63,3 +63,19 @@ def test_format_1_checkpoints_still_load_and_compress_into_the_current_format(ba
 def test_format_2_features_need_format_2():
     with pytest.raises(ValueError, match="word_embedding_rank needs rmt_kd_format_version >= 2"):
         RMTBertConfig(**tiny_bert_config().to_dict() | {"rmt_kd_format_version": 1, "word_embedding_rank": 3})
+
+
+def test_fused_projection_without_autograd_follows_weight_updates(batches):
+    torch.manual_seed(1)
+    model = compress_model(BertForSequenceClassification(tiny_bert_config()).eval(), batches, progress=False)[0]
+    inputs = {"input_ids": batches[0]["input_ids"], "attention_mask": batches[0]["attention_mask"]}
+    with torch.enable_grad():
+        expected = model(**inputs).logits.detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.value.weight.mul_(0.5)  # an optimiser step, in place
+        with torch.enable_grad():
+            changed = model(**inputs).logits.detach()
+        assert not torch.allclose(changed, expected)
+        torch.testing.assert_close(model(**inputs).logits, changed, atol=1e-6, rtol=0)

@@ -117,10 +117,28 @@ class RMTBertSelfAttention(nn.Module):
         self.key = nn.Linear(width, self.num_attention_heads * self.query_key_head_size)
         self.value = nn.Linear(width, self.num_attention_heads * self.value_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self._fused_projection: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def _split_heads(self, states: torch.Tensor, head_size: int) -> torch.Tensor:
         batch_size, seq_length = states.shape[:2]
         return states.view(batch_size, seq_length, self.num_attention_heads, head_size).transpose(1, 2)
+
+    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values (batch, seq, heads · size). Without autograd, one GEMM on the concatenated
+        weights, cached until a weight changes (in-place updates bump ``_version``; moves change ``data_ptr``)."""
+        layers = (self.query, self.key, self.value)
+        if torch.is_grad_enabled():
+            return tuple(layer(hidden_states) for layer in layers)
+        parameters = [tensor for layer in layers for tensor in (layer.weight, layer.bias)]
+        stamp = tuple((tensor.data_ptr(), tensor._version, tensor.dtype) for tensor in parameters)
+        if self._fused_projection is None or self._fused_projection[0] != stamp:
+            with torch.no_grad():
+                weight = torch.cat([layer.weight for layer in layers])
+                bias = torch.cat([layer.bias for layer in layers])
+            self._fused_projection = (stamp, weight, bias)
+        _, weight, bias = self._fused_projection
+        sizes = [layer.out_features for layer in layers]
+        return nn.functional.linear(hidden_states, weight, bias).split(sizes, dim=-1)
 
     def forward(
         self,
@@ -128,9 +146,10 @@ class RMTBertSelfAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query = self._split_heads(self.query(hidden_states), self.query_key_head_size)
-        key = self._split_heads(self.key(hidden_states), self.query_key_head_size)
-        value = self._split_heads(self.value(hidden_states), self.value_head_size)
+        query, key, value = self._project(hidden_states)
+        query = self._split_heads(query, self.query_key_head_size)
+        key = self._split_heads(key, self.query_key_head_size)
+        value = self._split_heads(value, self.value_head_size)
         dropout = self.dropout.p if self.training else 0.0
         if output_attentions:
             scores = torch.matmul(query, key.transpose(-1, -2)) * self.scaling
