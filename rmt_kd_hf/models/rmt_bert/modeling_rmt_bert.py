@@ -124,10 +124,12 @@ class RMTBertSelfAttention(nn.Module):
         return states.view(batch_size, seq_length, self.num_attention_heads, head_size).transpose(1, 2)
 
     def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys, values (batch, seq, heads · size). Without autograd, one GEMM on the concatenated
-        weights, cached until a weight changes (in-place updates bump ``_version``; moves change ``data_ptr``)."""
+        """Queries, keys, values (batch, seq, heads · size). Without autograd or hooks on the projections, one GEMM
+        on the concatenated weights, cached until a weight changes (in-place updates bump ``_version``; moves change
+        ``data_ptr``)."""
         layers = (self.query, self.key, self.value)
-        if torch.is_grad_enabled():
+        hooked = any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+        if torch.is_grad_enabled() or hooked:  # calibration hooks read each projection's output
             return tuple(layer(hidden_states) for layer in layers)
         parameters = [tensor for layer in layers for tensor in (layer.weight, layer.bias)]
         stamp = tuple((tensor.data_ptr(), tensor._version, tensor.dtype) for tensor in parameters)
