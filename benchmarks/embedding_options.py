@@ -39,6 +39,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results_name", default="embedding_options")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="groups of arms to run")
     return parser.parse_args(argv)
 
 
@@ -124,11 +125,15 @@ class Arms:
         return compress_model(model, loader, progress=False, surgery_options=surgery_options, **options)
 
 
-def run_arms(arms: Arms) -> None:
+def teacher_arms(arms: Arms) -> None:
     arms.measure("teacher", arms.teacher, arms.tokenizer)
     for keep_alphabet in (True, False):
-        model, tokenizer, kept = arms.trimmed_teacher(keep_alphabet)
+        model, tokenizer, _ = arms.trimmed_teacher(keep_alphabet)
         arms.measure(f"teacher, vocabulary trimmed (alphabet {keep_alphabet})", model, tokenizer)
+
+
+def low_rank_arms(arms: Arms) -> None:
+    quantile = arms.args.quantile
     factored, report = arms.compress(teacher_copy(arms.args.teacher), arms.tokenizer, factorize_word_embeddings=True)
     rank = report.kept_widths["word_embeddings"]
     low_rank_only, _ = arms.compress(
@@ -139,10 +144,13 @@ def run_arms(arms: Arms) -> None:
         kept_widths={"word_embeddings": rank},
     )
     arms.measure(f"teacher, word table at MP rank {rank}", low_rank_only, arms.tokenizer, {"mp_rank": rank})
-    quantile = arms.args.quantile
     plain, _ = arms.compress(teacher_copy(arms.args.teacher), arms.tokenizer)
     arms.measure(f"rmt q={quantile}", plain, arms.tokenizer)
     arms.measure(f"rmt q={quantile} + low-rank word table", factored, arms.tokenizer, {"mp_rank": rank})
+
+
+def trimmed_arms(arms: Arms) -> None:
+    quantile = arms.args.quantile
     model, tokenizer, _ = arms.trimmed_teacher()
     trimmed, _ = arms.compress(model, tokenizer)
     arms.measure(f"rmt q={quantile} + trimmed vocabulary", trimmed, tokenizer)
@@ -150,13 +158,23 @@ def run_arms(arms: Arms) -> None:
     both, both_report = arms.compress(model, tokenizer, factorize_word_embeddings=True)
     both_rank = both_report.kept_widths["word_embeddings"]
     arms.measure(f"rmt q={quantile} + trimmed + low-rank", both, tokenizer, {"mp_rank": both_rank})
-    heads, heads_report = arms.compress(teacher_copy(arms.args.teacher), arms.tokenizer, reduce_attention_heads=True)
-    arms.measure(
-        f"rmt q={quantile} + per-head attention",
-        heads,
-        arms.tokenizer,
-        {"query_key_head_sizes": heads.config.query_key_head_sizes, "value_head_sizes": heads.config.value_head_sizes},
-    )
+
+
+def head_arms(arms: Arms) -> None:
+    quantile = arms.args.quantile
+    heads, _ = arms.compress(teacher_copy(arms.args.teacher), arms.tokenizer, reduce_attention_heads=True)
+    sizes = {
+        "query_key_head_sizes": heads.config.query_key_head_sizes,
+        "value_head_sizes": heads.config.value_head_sizes,
+    }
+    arms.measure(f"rmt q={quantile} + per-head attention", heads, arms.tokenizer, sizes)
+    model, tokenizer, _ = arms.trimmed_teacher()
+    both, _ = arms.compress(model, tokenizer, reduce_attention_heads=True)
+    sizes = {"query_key_head_sizes": both.config.query_key_head_sizes, "value_head_sizes": both.config.value_head_sizes}
+    arms.measure(f"rmt q={quantile} + trimmed vocabulary + per-head attention", both, tokenizer, sizes)
+
+
+ARMS = {"teacher": teacher_arms, "low_rank": low_rank_arms, "trimmed": trimmed_arms, "heads": head_arms}
 
 
 def main(argv=None) -> dict:
@@ -164,7 +182,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
     arms = Arms(args)
-    run_arms(arms)
+    for name in args.arms:
+        ARMS[name](arms)
     result = {
         "teacher": os.path.abspath(args.teacher),
         "calibration_rows_sha256": arms.calibration_digest,
