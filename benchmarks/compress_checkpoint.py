@@ -23,6 +23,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quantile", type=float, default=0.5)
     parser.add_argument("--reduce_attention_heads", action="store_true")
     parser.add_argument("--factorize_word_embeddings", action="store_true")
+    parser.add_argument("--width_multiple", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(default_teacher_path())
@@ -32,6 +33,7 @@ def main(argv=None) -> None:
     options = {
         "reduce_attention_heads": args.reduce_attention_heads,
         "factorize_word_embeddings": args.factorize_word_embeddings,
+        "width_multiple": args.width_multiple,
     }
     student, report = compress_model(teacher, loader, args.quantile, progress=False, surgery_options=options)
     save_compressed(student, args.output_dir, tokenizer, report, overwrite=True)

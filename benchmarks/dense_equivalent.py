@@ -2,19 +2,20 @@
 """CPU latency of a compressed RMTBert checkpoint against a plain BERT with the same widths.
 
 The dense equivalent is a ``Bert*`` model of the same head, depth, heads and vocabulary whose hidden size is the
-mean residual width of the checkpoint (rounded to a multiple of the head count) and whose FFN width is the mean
-FFN width; its weights are random (latency does not depend on them). Both run in this process, alternating
-round by round so that a change in machine load hits both alike; the ratio compressed / dense is reported per
-batch size with the thread count and the load average before and after (a load above the thread count means
-the machine was contended).
+mean residual width of the checkpoint (rounded to a multiple of lcm(heads, 8)) and whose FFN width is the mean
+FFN width (rounded to a multiple of 8); its weights are random (latency does not depend on them). Both run in
+this process, alternating round by round so that a change in machine load hits both alike; the ratio
+compressed / dense is reported per batch size with the thread count and the load average before and after (a
+load above the thread count means the machine was contended).
 
-    python benchmarks/dense_equivalent.py outputs/one-shot --batch_sizes 1 32 --sequence_length 128
+    python benchmarks/dense_equivalent.py outputs/q05_heads_w8 --threads 1 --rounds 9 --format_1_reference
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -51,13 +52,16 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def dense_equivalent_config(config) -> BertConfig:
-    """A ``BertConfig`` with the checkpoint's mean residual and FFN widths (hidden a multiple of the heads)."""
+    """A ``BertConfig`` with the checkpoint's mean residual and FFN widths, rounded to the nearest multiple of
+    ``lcm(heads, 8)`` and of 8 (widths that are multiples of 8 run faster: the dense model gets that too)."""
     heads = config.num_attention_heads
-    hidden = max(heads, heads * round(statistics.mean(config.boundary_sizes) / heads))
+    step = math.lcm(heads, 8)
+    hidden = max(step, step * round(statistics.mean(config.boundary_sizes) / step))
+    intermediate = max(8, 8 * round(statistics.mean(config.intermediate_sizes) / 8))
     fields = {key: value for key, value in config.to_dict().items() if key in BertConfig().to_dict()}
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
         fields.pop(key, None)
-    fields.update(hidden_size=hidden, intermediate_size=round(statistics.mean(config.intermediate_sizes)))
+    fields.update(hidden_size=hidden, intermediate_size=intermediate)
     return BertConfig(**fields)
 
 

@@ -298,8 +298,29 @@ def _factored_rank(rank: int, vocab_size: int, embedding_size: int) -> int | Non
     return rank if rank * (vocab_size + embedding_size) < vocab_size * embedding_size else None
 
 
-def compressed_config(model: RMTBertPreTrainedModel, widths: dict[str, int]) -> RMTBertConfig:
-    """The config of ``model`` cut to ``widths`` (site name -> kept width); sites not in ``widths`` keep theirs."""
+def round_widths(widths: dict[str, int], dims: dict[str, int], multiple: int) -> dict[str, int]:
+    """Embedding, residual and FFN widths rounded up to a multiple of ``multiple`` (capped at the site's ``dims``):
+    CPU GEMMs run ~1.4x faster on widths that are multiples of 8 (measured: 91 vs 57-71 GFLOP/s on one core)."""
+    rounded = dict(widths)
+    for name, width in widths.items():
+        if name == "embeddings" or name.startswith(("boundary.", "ffn.")):
+            rounded[name] = min(dims[name], multiple * math.ceil(width / multiple))
+    return rounded
+
+
+def _site_dims(model: RMTBertPreTrainedModel) -> dict[str, int]:
+    """Current width of every embedding, residual and FFN site of ``model``."""
+    config = model.config
+    dims = {"embeddings": config.embedding_size}
+    dims.update({f"boundary.{b}": width for b, width in enumerate(config.boundary_sizes)})
+    dims.update({f"ffn.{layer}": width for layer, width in enumerate(config.intermediate_sizes)})
+    return dims
+
+
+def compressed_config(model: RMTBertPreTrainedModel, widths: dict[str, int], width_multiple: int = 1) -> RMTBertConfig:
+    """The config of ``model`` cut to ``widths`` (site name -> kept width); sites not in ``widths`` keep theirs.
+    Embedding, residual and FFN widths are rounded up to a multiple of ``width_multiple``."""
+    widths = round_widths(widths, _site_dims(model), width_multiple)
     num_layers = model.config.num_hidden_layers
     config = RMTBertConfig.from_dict(model.config.to_dict())
     config.rmt_kd_format_version = RMT_BERT_FORMAT_VERSION  # apply_bert_bases writes the current format
@@ -391,8 +412,14 @@ def _embedding_rewrite(
     rewriter.set(projection, embedding_basis @ rank_basis.T)
 
 
-def apply_bert_bases(model: RMTBertPreTrainedModel, analyses: dict[str, SiteAnalysis]) -> RMTBertPreTrainedModel:
-    """A new model of the same class whose widths are ``analyses[site].kept_width``."""
+def apply_bert_bases(
+    model: RMTBertPreTrainedModel, analyses: dict[str, SiteAnalysis], width_multiple: int = 1
+) -> RMTBertPreTrainedModel:
+    """A new model of the same class whose widths are ``analyses[site].kept_width``, embedding/residual/FFN widths
+    first rounded up to a multiple of ``width_multiple`` (the analyses are updated, so reports show the result)."""
+    rounded = round_widths({name: a.kept_width for name, a in analyses.items()}, _site_dims(model), width_multiple)
+    for name, width in rounded.items():
+        analyses[name].kept_width = width
     config = model.config
     num_layers = config.num_hidden_layers
     prefix = _prefix(model)
@@ -437,13 +464,19 @@ class BertSurgery:
     Args:
         reduce_attention_heads: also choose per-head query/key and value sizes (per layer) by the MP rule.
         factorize_word_embeddings: also factor the word table at the rank the MP rule gives its rows.
+        width_multiple: round embedding, residual and FFN widths up to a multiple of this (8 runs faster on CPU).
     """
 
     name = "bert"
 
-    def __init__(self, reduce_attention_heads: bool = False, factorize_word_embeddings: bool = False):
+    def __init__(
+        self, reduce_attention_heads: bool = False, factorize_word_embeddings: bool = False, width_multiple: int = 1
+    ):
+        if width_multiple < 1:
+            raise ValueError(f"width_multiple must be >= 1, got {width_multiple}")
         self.reduce_attention_heads = reduce_attention_heads
         self.factorize_word_embeddings = factorize_word_embeddings
+        self.width_multiple = width_multiple
 
     def prepare(self, model: nn.Module) -> RMTBertPreTrainedModel:
         return convert_bert_to_rmt(model)
@@ -455,10 +488,10 @@ class BertSurgery:
         return bert_sites(model, accumulators, self.reduce_attention_heads, self.factorize_word_embeddings)
 
     def apply(self, model, analyses) -> RMTBertPreTrainedModel:
-        return apply_bert_bases(model, analyses)
+        return apply_bert_bases(model, analyses, self.width_multiple)
 
     def compressed_config(self, model, widths: dict[str, int]) -> RMTBertConfig:
-        return compressed_config(model, widths)
+        return compressed_config(model, widths, self.width_multiple)
 
     def stages(self, model) -> list[list[str]]:
         return layer_stages(model, self.reduce_attention_heads, self.factorize_word_embeddings)
