@@ -120,6 +120,7 @@ class Arms:
         surgery_options = {
             "factorize_word_embeddings": options.pop("factorize_word_embeddings", False),
             "reduce_attention_heads": options.pop("reduce_attention_heads", False),
+            "width_multiple": options.pop("width_multiple", 1),
         }
         loader = self.calibration_loader(tokenizer)
         return compress_model(model, loader, progress=False, surgery_options=surgery_options, **options)
@@ -174,7 +175,23 @@ def head_arms(arms: Arms) -> None:
     arms.measure(f"rmt q={quantile} + trimmed vocabulary + per-head attention", both, tokenizer, sizes)
 
 
-ARMS = {"teacher": teacher_arms, "low_rank": low_rank_arms, "trimmed": trimmed_arms, "heads": head_arms}
+def recommended_arm(arms: Arms) -> None:
+    """Trimmed vocabulary, per-head attention and widths rounded up to multiples of 8 (the fast layout)."""
+    model, tokenizer, _ = arms.trimmed_teacher()
+    student, _ = arms.compress(model, tokenizer, reduce_attention_heads=True, width_multiple=8)
+    config = student.config
+    widths = {"boundary_sizes": config.boundary_sizes, "intermediate_sizes": config.intermediate_sizes}
+    name = f"rmt q={arms.args.quantile} + trimmed vocabulary + per-head attention + widths multiple of 8"
+    arms.measure(name, student, tokenizer, widths)
+
+
+ARMS = {
+    "teacher": teacher_arms,
+    "low_rank": low_rank_arms,
+    "trimmed": trimmed_arms,
+    "heads": head_arms,
+    "recommended": recommended_arm,
+}
 
 
 def main(argv=None) -> dict:
