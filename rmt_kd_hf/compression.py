@@ -203,7 +203,7 @@ def compress_model(
         kept_widths, keep_all, min_width: see ``plan_widths``.
         max_batches: use at most this many calibration batches.
         surgery_options: passed to the architecture's surgery (BERT: ``reduce_attention_heads=False``,
-            ``factorize_word_embeddings=False``).
+            ``factorize_word_embeddings=False``, ``width_multiple=1``).
 
     Returns:
         ``(compressed_model, report)``; ``compressed_model`` is an ``RMTBert*`` model of the matching head.
