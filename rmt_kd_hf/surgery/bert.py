@@ -150,9 +150,8 @@ def _attention_sites(
     key_bias = attention.self.key.bias.detach().to(torch.float64).cpu()
     key_mean = key.mean()
     # The key bias adds the same q·b to every score of a query: the softmax ignores it, so it is dropped.
-    key_moment = (key.covariance() - torch.outer(key_bias, key_mean) - torch.outer(key_mean, key_bias)) + torch.outer(
-        key_bias, key_bias
-    )
+    # E[(k - b)(k - b)ᵀ] = E[k kᵀ] - b μᵀ - μ bᵀ + b bᵀ.
+    key_moment = key.covariance() + torch.outer(key_bias, key_bias - key_mean) - torch.outer(key_mean, key_bias)
     query_key = query_key_reduction(head_blocks(query.covariance(), heads), head_blocks(key_moment, heads))
     output_weight = attention.output.dense.weight.detach().to(torch.float64).cpu()  # (width, heads * dv)
     output_columns = output_weight.reshape(output_weight.shape[0], heads, -1).permute(1, 0, 2)
