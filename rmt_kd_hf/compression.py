@@ -186,6 +186,7 @@ def compress_model(
     min_width: int = 1,
     max_batches: int | None = None,
     progress: bool = True,
+    surgery_options: Mapping[str, object] | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` once with RMT-KD, without training.
 
@@ -201,11 +202,13 @@ def compress_model(
         refine: refine σ² by a robust fit of the MP bulk.
         kept_widths, keep_all, min_width: see ``plan_widths``.
         max_batches: use at most this many calibration batches.
+        surgery_options: passed to the architecture's surgery (BERT: ``reduce_attention_heads=False``,
+            ``factorize_word_embeddings=False``, ``width_multiple=1``).
 
     Returns:
         ``(compressed_model, report)``; ``compressed_model`` is an ``RMTBert*`` model of the matching head.
     """
-    surgery = get_surgery(model)
+    surgery = get_surgery(model, **(surgery_options or {}))
     start = time.perf_counter()
     prepared = surgery.prepare(model)
     accumulators = collect_covariances(prepared, calibration_dataloader, surgery.taps(prepared), max_batches, progress)

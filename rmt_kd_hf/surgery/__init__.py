@@ -7,11 +7,16 @@ from .bert import BertSurgery, is_bert_family
 from .resnet import ResNetSurgery, is_resnet_family
 
 
-def get_surgery(model: nn.Module) -> ArchitectureSurgery:
-    """The surgery for ``model``'s architecture family; a clear error for anything unsupported."""
+def get_surgery(model: nn.Module, **options) -> ArchitectureSurgery:
+    """The surgery for ``model``'s architecture family; a clear error for anything unsupported.
+
+    ``options`` go to the family's surgery (BERT: ``reduce_attention_heads``, ``factorize_word_embeddings``).
+    """
     if is_bert_family(model):
-        return BertSurgery()
+        return BertSurgery(**options)
     if is_resnet_family(model):
+        if options:
+            raise ValueError(f"Surgery options {sorted(options)} apply to BERT models only, not to ResNets.")
         return ResNetSurgery()
     raise ValueError(
         f"RMT-KD has no surgery for {type(model).__name__}. Supported: BertModel, BertForSequenceClassification, "

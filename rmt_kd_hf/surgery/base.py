@@ -13,7 +13,7 @@ from torch import nn
 from ..calibration import ActivationTap
 from ..spectral import CovarianceAccumulator, MarchenkoPasturFit
 
-SiteKind = Literal["embedding", "residual", "ffn", "channels"]
+SiteKind = Literal["embedding", "residual", "ffn", "channels", "attention", "rank"]
 
 
 @dataclass
@@ -23,10 +23,12 @@ class Site:
     Attributes:
         name: e.g. ``"boundary.3"`` or ``"ffn.1"``.
         kind: ``"residual"`` sites are rotated to an eigenbasis and truncated; ``"ffn"``/``"channels"`` sites
-            keep a subset of neurons and compensate the next layer by least squares.
+            keep a subset of neurons and compensate the next layer by least squares; ``"attention"`` sites keep
+            per-head directions (``factors`` holds the maps); ``"rank"`` sites factor a matrix at a lower rank.
         covariance: (dim, dim) float64 matrix the eigenvalues come from.
         num_samples: the ``n`` of the Marchenko–Pastur aspect ratio ``dim / n``.
         mean: (dim,) float64 activation mean (neuron sites: least-squares intercept).
+        factors: tensors the surgery computed with the statistics and needs again when it applies the widths.
     """
 
     name: str
@@ -34,6 +36,7 @@ class Site:
     covariance: torch.Tensor
     num_samples: int
     mean: torch.Tensor | None = None
+    factors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def dim(self) -> int:

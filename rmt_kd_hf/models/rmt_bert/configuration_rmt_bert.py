@@ -15,8 +15,11 @@ AUTO_MAP = {
     "AutoModelForQuestionAnswering": "modeling_rmt_bert.RMTBertForQuestionAnswering",
 }
 
-# Bumped whenever the meaning of a field or a weight changes; loaders refuse newer versions.
-RMT_BERT_FORMAT_VERSION = 1
+# Bumped whenever the meaning of a field or a weight changes; loaders refuse newer versions and read older ones.
+# 1: lifted LayerNorm weight W = P_out diag(γ) P_inᵀ plus a `gain_direction` g = P_out γ.
+# 2: the centring is folded into the weight, W = P_out diag(γ) (I - 11ᵀ/norm_size) P_inᵀ (no `gain_direction`);
+#    optional low-rank word embeddings (`word_embedding_rank`).
+RMT_BERT_FORMAT_VERSION = 2
 
 
 class RMTBertConfig(BertConfig):
@@ -37,6 +40,8 @@ class RMTBertConfig(BertConfig):
         query_key_head_sizes (`list[int]`): per-layer query/key size of one attention head.
         value_head_sizes (`list[int]`): per-layer value size of one attention head.
         attention_scale (`float`): softmax scale, kept from the teacher (``1/sqrt(teacher head size)``).
+        word_embedding_rank (`int`, *optional*): when set, the word embeddings are a ``(vocab_size, rank)`` table
+            followed by a ``(rank -> embedding_size)`` projection (format version >= 2).
         pooler_size (`int`): output width of the pooler.
         rmt_kd_format_version (`int`): version of this checkpoint format.
     """
@@ -50,6 +55,7 @@ class RMTBertConfig(BertConfig):
     query_key_head_sizes: list[int] | None = None
     value_head_sizes: list[int] | None = None
     attention_scale: float | None = None
+    word_embedding_rank: int | None = None
     pooler_size: int | None = None
     rmt_kd_format_version: int = RMT_BERT_FORMAT_VERSION
 
@@ -95,6 +101,11 @@ class RMTBertConfig(BertConfig):
                 raise ValueError(f"{name} must have {length} entries for {num_layers} layers, got {len(widths)}")
             if any(int(width) < 1 for width in widths):
                 raise ValueError(f"every entry of {name} must be >= 1, got {widths}")
+        if self.word_embedding_rank is not None:
+            if self.rmt_kd_format_version < 2:
+                raise ValueError("word_embedding_rank needs rmt_kd_format_version >= 2.")
+            if not 1 <= self.word_embedding_rank:
+                raise ValueError(f"word_embedding_rank must be >= 1, got {self.word_embedding_rank}")
         # The last boundary is what the encoder outputs: heads read it as `hidden_size`.
         self.hidden_size = self.boundary_sizes[-1]
 

@@ -26,38 +26,57 @@ class RMTLiftedLayerNorm(nn.Module):
     """LayerNorm of the teacher's ``norm_size``-wide stream, applied to its ``in_features`` kept coordinates.
 
     With orthonormal bases ``P_in`` (in x norm) and ``P_out`` (out x norm) and ``x = P_inᵀ u``:
-    ``P_out LN(x) = (W u - m g) / s + b`` with ``m = cᵀu / norm``, ``s = sqrt(|u|² / norm - m² + eps)``,
-    ``W = P_out diag(γ) P_inᵀ``, ``c = P_in 1``, ``g = P_out γ``, ``b = P_out β``. Exact for ``x`` in the span of
-    ``P_in``; a per-coordinate LayerNorm in the reduced basis would not be.
+    ``P_out LN(x) = W u / s + b`` with ``m = cᵀu / norm``, ``s = sqrt(|u|² / norm - m² + eps)``,
+    ``W = P_out diag(γ) (I - 11ᵀ/norm) P_inᵀ`` (the centring folded in), ``c = P_in 1``, ``b = P_out β``. Exact for
+    ``x`` in the span of ``P_in``; a per-coordinate LayerNorm in the reduced basis would not be. One GEMM plus
+    per-token statistics.
+
+    ``centred=False`` is format 1: it stores the uncentred ``P_out diag(γ) P_inᵀ`` and ``g = P_out γ``
+    (``gain_direction``) and computes ``(W u - m g) / s + b``.
     """
 
-    def __init__(self, in_features: int, out_features: int, norm_size: int, eps: float):
+    def __init__(self, in_features: int, out_features: int, norm_size: int, eps: float, centred: bool = False):
         super().__init__()
         self.norm_size = norm_size
         self.eps = eps
+        self.centred = centred
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
         self.mean_direction = nn.Parameter(torch.empty(in_features))
-        self.gain_direction = nn.Parameter(torch.empty(out_features))
+        if not centred:
+            self.gain_direction = nn.Parameter(torch.empty(out_features))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mean = hidden_states @ self.mean_direction / self.norm_size
-        variance = hidden_states.pow(2).sum(-1) / self.norm_size - mean.pow(2)
+        variance = torch.linalg.vecdot(hidden_states, hidden_states) / self.norm_size - mean * mean
         inv_std = torch.rsqrt(variance.clamp_min(0.0) + self.eps).unsqueeze(-1)
         mixed = nn.functional.linear(hidden_states, self.weight)
-        return (mixed - mean.unsqueeze(-1) * self.gain_direction) * inv_std + self.bias
+        if not self.centred:
+            mixed = mixed - mean.unsqueeze(-1) * self.gain_direction
+        return torch.addcmul(self.bias, mixed, inv_std)
+
+
+def _lifted_norm(config: RMTBertConfig, in_features: int, out_features: int) -> RMTLiftedLayerNorm:
+    centred = config.rmt_kd_format_version >= 2
+    return RMTLiftedLayerNorm(in_features, out_features, config.norm_size, config.layer_norm_eps, centred)
 
 
 class RMTBertEmbeddings(nn.Module):
-    """Word + position + token-type embeddings of width ``embedding_size``, then a lifted LayerNorm."""
+    """Word + position + token-type embeddings of width ``embedding_size``, then a lifted LayerNorm.
+
+    With ``word_embedding_rank`` set, the word table is ``(vocab_size, rank)`` and ``word_embeddings_projection``
+    maps it to ``embedding_size``; ``inputs_embeds`` then has ``rank`` features, as the table's rows do.
+    """
 
     def __init__(self, config: RMTBertConfig):
         super().__init__()
         width = config.embedding_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        rank = config.word_embedding_rank
+        self.word_embeddings = nn.Embedding(config.vocab_size, rank or width, padding_idx=config.pad_token_id)
+        self.word_embeddings_projection = nn.Linear(rank, width, bias=False) if rank else None
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
-        self.LayerNorm = RMTLiftedLayerNorm(width, config.boundary_sizes[0], config.norm_size, config.layer_norm_eps)
+        self.LayerNorm = _lifted_norm(config, width, config.boundary_sizes[0])
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.register_buffer(
             "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
@@ -72,6 +91,8 @@ class RMTBertEmbeddings(nn.Module):
     ) -> torch.Tensor:
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
+        if self.word_embeddings_projection is not None:
+            inputs_embeds = self.word_embeddings_projection(inputs_embeds)
         seq_length = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = self.position_ids[:, :seq_length]
@@ -96,10 +117,30 @@ class RMTBertSelfAttention(nn.Module):
         self.key = nn.Linear(width, self.num_attention_heads * self.query_key_head_size)
         self.value = nn.Linear(width, self.num_attention_heads * self.value_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self._fused_projection: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def _split_heads(self, states: torch.Tensor, head_size: int) -> torch.Tensor:
         batch_size, seq_length = states.shape[:2]
         return states.view(batch_size, seq_length, self.num_attention_heads, head_size).transpose(1, 2)
+
+    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values (batch, seq, heads · size). Without autograd or hooks on the projections, one GEMM
+        on the concatenated weights, cached until a weight changes (in-place updates bump ``_version``; moves change
+        ``data_ptr``)."""
+        layers = (self.query, self.key, self.value)
+        hooked = any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+        if torch.is_grad_enabled() or hooked:  # calibration hooks read each projection's output
+            return tuple(layer(hidden_states) for layer in layers)
+        parameters = [tensor for layer in layers for tensor in (layer.weight, layer.bias)]
+        stamp = tuple((tensor.data_ptr(), tensor._version, tensor.dtype) for tensor in parameters)
+        if self._fused_projection is None or self._fused_projection[0] != stamp:
+            with torch.no_grad():
+                weight = torch.cat([layer.weight for layer in layers])
+                bias = torch.cat([layer.bias for layer in layers])
+            self._fused_projection = (stamp, weight, bias)
+        _, weight, bias = self._fused_projection
+        sizes = [layer.out_features for layer in layers]
+        return nn.functional.linear(hidden_states, weight, bias).split(sizes, dim=-1)
 
     def forward(
         self,
@@ -107,9 +148,10 @@ class RMTBertSelfAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query = self._split_heads(self.query(hidden_states), self.query_key_head_size)
-        key = self._split_heads(self.key(hidden_states), self.query_key_head_size)
-        value = self._split_heads(self.value(hidden_states), self.value_head_size)
+        query, key, value = self._project(hidden_states)
+        query = self._split_heads(query, self.query_key_head_size)
+        key = self._split_heads(key, self.query_key_head_size)
+        value = self._split_heads(value, self.value_head_size)
         dropout = self.dropout.p if self.training else 0.0
         if output_attentions:
             scores = torch.matmul(query, key.transpose(-1, -2)) * self.scaling
@@ -133,12 +175,7 @@ class RMTBertResidualOutput(nn.Module):
         super().__init__()
         residual_width = config.boundary_sizes[residual_boundary]
         self.dense = nn.Linear(in_features, residual_width)
-        self.LayerNorm = RMTLiftedLayerNorm(
-            residual_width,
-            config.boundary_sizes[residual_boundary + 1],
-            config.norm_size,
-            config.layer_norm_eps,
-        )
+        self.LayerNorm = _lifted_norm(config, residual_width, config.boundary_sizes[residual_boundary + 1])
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -225,10 +262,14 @@ class RMTBertPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         if isinstance(module, RMTLiftedLayerNorm):
             # Identity bases: a plain LayerNorm (γ = 1, β = 0) on the first coordinates.
-            _fill_unless_loaded(module.weight, torch.eye(*module.weight.shape))
+            weight = torch.eye(*module.weight.shape)
+            if module.centred:
+                weight -= 1.0 / module.norm_size
+            else:
+                _fill_unless_loaded(module.gain_direction, torch.ones(module.gain_direction.shape))
+            _fill_unless_loaded(module.weight, weight)
             _fill_unless_loaded(module.bias, torch.zeros(module.bias.shape))
             _fill_unless_loaded(module.mean_direction, torch.ones(module.mean_direction.shape))
-            _fill_unless_loaded(module.gain_direction, torch.ones(module.gain_direction.shape))
             return
         super()._init_weights(module)
         if isinstance(module, RMTBertEmbeddings):

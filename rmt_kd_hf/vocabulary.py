@@ -1,0 +1,212 @@
+"""Task-vocabulary trimming: keep only the word-embedding rows a task's text uses.
+
+At two-thirds compression the word-embedding matrix of a small BERT holds most of what is left (MiniLM-L6:
+30,522 rows). A task touches a few thousand of them. Trimming keeps
+
+* every token id the training and calibration text produce,
+* the special tokens (``[PAD]``, ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``),
+* optionally the task's *alphabet*: the single-character pieces ``c`` and ``##c`` for every character the kept
+  tokens contain, so that an unseen word made of known characters is still spelled out piece by piece instead
+  of collapsing to ``[UNK]``;
+
+and rebuilds the tokenizer with the same WordPiece settings in the new id order (new id = rank of the old id).
+
+WordPiece is greedy longest-match-first, so any word whose original pieces are all kept is split exactly as
+before: a longer match in the trimmed vocabulary would also have been one in the original. Text the vocabulary
+was built from is therefore encoded to the same tokens, and the trimmed model reproduces the original exactly on
+it. An unseen word is split with what is left: if some position has no matching piece, WordPiece maps the
+*whole word* to ``[UNK]`` (the alphabet makes that happen only for unseen characters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# tokenizer_config entries that describe where the old vocabulary came from, not how to tokenize.
+_SOURCE_KWARGS = ("vocab", "vocab_file", "tokenizer_file", "name_or_path", "added_tokens_decoder", "is_local")
+
+
+def _wordpiece_model(tokenizer: PreTrainedTokenizerBase):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if model is None or type(model).__name__ != "WordPiece":
+        raise ValueError(
+            f"Vocabulary trimming supports WordPiece fast tokenizers (BERT family); {type(tokenizer).__name__} uses "
+            f"{type(model).__name__ if model is not None else 'no tokenizers backend'}."
+        )
+    return model
+
+
+def used_token_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None = None,
+    max_length: int | None = None,
+    batch_size: int = 1000,
+) -> set[int]:
+    """Token ids that ``tokenizer`` produces on ``texts`` (and ``text_pairs``), truncated as training would be."""
+    used: set[int] = set()
+    for start in range(0, len(texts), batch_size):
+        pairs = None if text_pairs is None else list(text_pairs[start : start + batch_size])
+        encoded = tokenizer(
+            list(texts[start : start + batch_size]),
+            pairs,
+            truncation=max_length is not None,
+            max_length=max_length,
+        )
+        for ids in encoded["input_ids"]:
+            used.update(ids)
+    return used
+
+
+def vocabulary_to_keep(
+    tokenizer: PreTrainedTokenizerBase, token_ids: Iterable[int], keep_alphabet: bool = True
+) -> list[int]:
+    """Sorted old ids to keep: ``token_ids``, the special tokens and (``keep_alphabet``) the task's characters.
+
+    Args:
+        tokenizer: the original WordPiece tokenizer.
+        token_ids: ids the task uses (``used_token_ids``); ``input_ids`` of a tokenized dataset work too.
+        keep_alphabet: also keep ``c`` and ``##c`` for every character ``c`` of the kept tokens' text.
+
+    Returns:
+        ``kept_token_ids``: (new_vocab_size,) ascending old ids; the new id of ``kept_token_ids[i]`` is ``i``.
+    """
+    model = _wordpiece_model(tokenizer)
+    vocabulary = tokenizer.get_vocab()
+    kept = {int(token_id) for token_id in token_ids} | set(tokenizer.all_special_ids)
+    out_of_range = sorted(token_id for token_id in kept if not 0 <= token_id < len(vocabulary))
+    if out_of_range:
+        raise ValueError(f"token ids {out_of_range[:5]} are outside the tokenizer's 0..{len(vocabulary) - 1}")
+    if keep_alphabet:
+        prefix = model.continuing_subword_prefix
+        special = set(tokenizer.all_special_tokens)
+        characters = set()
+        for token in tokenizer.convert_ids_to_tokens(sorted(kept)):
+            if token not in special:
+                characters.update(token.removeprefix(prefix))
+        for character in characters:
+            for piece in (character, prefix + character):
+                if piece in vocabulary:
+                    kept.add(vocabulary[piece])
+    return sorted(kept)
+
+
+def trim_tokenizer(tokenizer: PreTrainedTokenizerBase, kept_token_ids: Sequence[int]) -> PreTrainedTokenizerBase:
+    """The same tokenizer class and settings with the vocabulary ``kept_token_ids`` (new id = position).
+
+    Built through the tokenizer class's own ``vocab=`` constructor, so the post-processor's ``[CLS]``/``[SEP]`` ids
+    and the special tokens follow the new ids; the normaliser, pre-tokenizer and decoder are copied from the
+    original (they hold no ids). ``AutoTokenizer.from_pretrained`` reloads what ``save_pretrained`` writes.
+    """
+    model = _wordpiece_model(tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(list(kept_token_ids))
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("kept_token_ids must not repeat a token.")
+    if model.unk_token not in tokens:
+        raise ValueError(f"kept_token_ids must keep the unknown token {model.unk_token!r}.")
+    settings = {key: value for key, value in tokenizer.init_kwargs.items() if key not in _SOURCE_KWARGS}
+    trimmed = type(tokenizer)(vocab={token: new_id for new_id, token in enumerate(tokens)}, **settings)
+    original_backend, backend = tokenizer.backend_tokenizer, trimmed.backend_tokenizer
+    backend.normalizer = original_backend.normalizer
+    backend.pre_tokenizer = original_backend.pre_tokenizer
+    backend.decoder = original_backend.decoder
+    trimmed_model = _wordpiece_model(trimmed)
+    trimmed_model.continuing_subword_prefix = model.continuing_subword_prefix
+    trimmed_model.max_input_chars_per_word = model.max_input_chars_per_word
+    trimmed.model_max_length = tokenizer.model_max_length
+    return trimmed
+
+
+def trim_embeddings(model: PreTrainedModel, kept_token_ids: Sequence[int]) -> PreTrainedModel:
+    """Keep the input-embedding rows ``kept_token_ids`` (in that order), in place; updates ``vocab_size`` and
+    ``pad_token_id``. Works for ``Bert*`` teachers and ``RMTBert*`` students (factored or not).
+
+    Raises:
+        ValueError: the model ties an output (language-modelling) head to the embeddings, or drops ``[PAD]``.
+    """
+    if model.get_output_embeddings() is not None:
+        raise ValueError(f"{type(model).__name__} has an output embedding head; trimming supports encoders only.")
+    embeddings = model.get_input_embeddings()
+    index = torch.as_tensor(list(kept_token_ids), dtype=torch.long, device=embeddings.weight.device)
+    pad_token_id = model.config.pad_token_id
+    new_pad_token_id = None
+    if pad_token_id is not None:
+        matches = (index == pad_token_id).nonzero()
+        if len(matches) == 0:
+            raise ValueError(f"kept_token_ids drops the padding token (id {pad_token_id}).")
+        new_pad_token_id = int(matches[0, 0])
+    trimmed = nn.Embedding(len(index), embeddings.embedding_dim, padding_idx=new_pad_token_id)
+    trimmed.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
+    with torch.no_grad():
+        trimmed.weight.copy_(embeddings.weight[index])
+    trimmed.weight.requires_grad_(embeddings.weight.requires_grad)
+    model.set_input_embeddings(trimmed)
+    model.config.vocab_size = len(index)
+    model.config.pad_token_id = new_pad_token_id
+    return model
+
+
+def remap_token_ids(input_ids: torch.Tensor, kept_token_ids: Sequence[int], unk_token_id: int) -> torch.Tensor:
+    """Old-vocabulary ``input_ids`` (any shape) in the trimmed vocabulary; dropped ids become ``unk_token_id``
+    (the *old* id of ``[UNK]``). For datasets tokenized before trimming; re-tokenizing with the trimmed tokenizer is
+    the same on the text the vocabulary was built from."""
+    kept = torch.as_tensor(list(kept_token_ids), dtype=torch.long)
+    lookup = torch.full((int(kept.max()) + 1,), -1, dtype=torch.long)
+    lookup[kept] = torch.arange(len(kept))
+    new_unk = int(lookup[unk_token_id])
+    if new_unk < 0:
+        raise ValueError(f"the unknown token (old id {unk_token_id}) is not kept.")
+    clipped = input_ids.clamp(0, len(lookup) - 1)
+    remapped = lookup.to(input_ids.device)[clipped]
+    outside = (input_ids >= len(lookup)) | (remapped < 0)
+    return torch.where(outside, torch.full_like(remapped, new_unk), remapped)
+
+
+def remap_dataset_token_ids(dataset, kept_token_ids: Sequence[int], unk_token_id: int, column: str = "input_ids"):
+    """A ``datasets.Dataset`` tokenized with the original vocabulary, its ``column`` remapped (``remap_token_ids``)."""
+    kept = list(kept_token_ids)
+
+    def remap(batch: dict) -> dict:
+        return {column: [remap_token_ids(torch.tensor(ids), kept, unk_token_id).tolist() for ids in batch[column]]}
+
+    return dataset.map(remap, batched=True, desc="Remapping token ids")
+
+
+def trim_vocabulary(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None = None,
+    max_length: int | None = None,
+    keep_alphabet: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[int]]:
+    """Trim ``model``'s word embeddings (in place) and ``tokenizer`` to the vocabulary of ``texts``.
+
+    Pass the training and calibration text (never the test split). Save both with ``save_pretrained`` into one
+    directory: ``AutoTokenizer`` + ``AutoModel…from_pretrained`` then work end to end.
+
+    Returns:
+        ``(model, trimmed_tokenizer, kept_token_ids)``; ``kept_token_ids[i]`` is the old id of new id ``i``.
+    """
+    kept_token_ids = vocabulary_to_keep(
+        tokenizer, used_token_ids(tokenizer, texts, text_pairs, max_length), keep_alphabet
+    )
+    trimmed_tokenizer = trim_tokenizer(tokenizer, kept_token_ids)
+    trim_embeddings(model, kept_token_ids)
+    return model, trimmed_tokenizer, kept_token_ids
+
+
+__all__ = [
+    "remap_dataset_token_ids",
+    "remap_token_ids",
+    "trim_embeddings",
+    "trim_tokenizer",
+    "trim_vocabulary",
+    "used_token_ids",
+    "vocabulary_to_keep",
+]
