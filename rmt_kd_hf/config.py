@@ -54,6 +54,14 @@ class RMTKDConfig(TrainingArguments):
             With `target_parameter_ratio`, choose each stage's quantile by bisection instead of `sigma_quantile`.
         min_width (`int`, defaults to `1`):
             No site is cut below this width.
+        reduce_attention_heads (`bool`, defaults to `False`):
+            BERT: also choose per-head query/key and value/output sizes by the MP rule, so attention no longer runs
+            at the teacher's width (one size per layer, the same for queries/keys and values).
+        width_multiple (`int`, defaults to `1`):
+            Round every kept width up to a multiple of this; 8 makes CPU matrix products markedly faster.
+        factorize_word_embeddings (`bool`, defaults to `False`):
+            BERT: replace the word-embedding table by a product at the rank the MP rule keeps (measured worse than
+            vocabulary trimming on MiniLM; see `benchmarks/results/embedding_options.md`).
         measure_latency (`bool`, defaults to `True`):
             At the end of `compress()`, time the teacher and the result on the CPU at batch 1 and 32
             (`latency_sequence_length` tokens) and record both in the history and the model card.
@@ -87,6 +95,16 @@ class RMTKDConfig(TrainingArguments):
         default=True, metadata={"help": "With a parameter target, pick each stage's quantile by bisection."}
     )
     min_width: int = field(default=1, metadata={"help": "No site is cut below this width."})
+    reduce_attention_heads: bool = field(
+        default=False,
+        metadata={"help": "BERT: also cut per-head query/key and value/output sizes by the MP rule (faster)."},
+    )
+    width_multiple: int = field(
+        default=1, metadata={"help": "Round kept widths up to a multiple of this (8 speeds up CPU matrix products)."}
+    )
+    factorize_word_embeddings: bool = field(
+        default=False, metadata={"help": "BERT: factor the word-embedding table at a rank chosen by the MP rule."}
+    )
     measure_latency: bool = field(
         default=True, metadata={"help": "Time teacher and result on the CPU (batch 1 and 32) for the history."}
     )
@@ -110,6 +128,7 @@ class RMTKDConfig(TrainingArguments):
             "max_metric_drop": self.max_metric_drop >= 0.0,
             "stage_max_steps": self.stage_max_steps >= 0,
             "min_width": self.min_width >= 1,
+            "width_multiple": self.width_multiple >= 1,
             "target_parameter_ratio": self.target_parameter_ratio is None or 0.0 < self.target_parameter_ratio < 1.0,
             "target_latency_ratio": self.target_latency_ratio is None or 0.0 < self.target_latency_ratio < 1.0,
             "compression_schedule": self.compression_schedule in ("one_shot", "per_layer"),
@@ -123,6 +142,7 @@ class RMTKDConfig(TrainingArguments):
             "max_metric_drop": ">= 0",
             "stage_max_steps": ">= 0",
             "min_width": ">= 1",
+            "width_multiple": ">= 1",
             "target_parameter_ratio": "in (0, 1) or None",
             "target_latency_ratio": "in (0, 1) or None",
             "compression_schedule": "'one_shot' or 'per_layer'",
@@ -132,8 +152,16 @@ class RMTKDConfig(TrainingArguments):
             if not valid:
                 raise ValueError(f"{name} must be {expected[name]}, got {getattr(self, name)!r}")
 
-
-__all__ = ["RMTKDConfig"]
+    def surgery_options(self) -> dict:
+        """The architecture options that differ from their defaults (so ResNets, which take none, accept the
+        defaults)."""
+        options = {
+            "reduce_attention_heads": self.reduce_attention_heads,
+            "factorize_word_embeddings": self.factorize_word_embeddings,
+            "width_multiple": self.width_multiple,
+        }
+        defaults = {"reduce_attention_heads": False, "factorize_word_embeddings": False, "width_multiple": 1}
+        return {key: value for key, value in options.items() if value != defaults[key]}
 
 
 def _has_accelerator() -> bool:
@@ -144,3 +172,6 @@ def _has_accelerator() -> bool:
         or torch.backends.mps.is_available()
         or (hasattr(torch, "xpu") and torch.xpu.is_available())
     )
+
+
+__all__ = ["RMTKDConfig"]

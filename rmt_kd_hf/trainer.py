@@ -59,6 +59,9 @@ RESUME_INVARIANTS = (
     "stage_max_steps",
     "learning_rate",
     "seed",
+    "reduce_attention_heads",
+    "width_multiple",
+    "factorize_word_embeddings",
 )
 
 
@@ -108,7 +111,7 @@ class RMTKDTrainer(Trainer):
     def __init__(self, model: nn.Module, args: RMTKDConfig, **kwargs):
         if not isinstance(args, RMTKDConfig):
             raise TypeError(f"RMTKDTrainer needs an RMTKDConfig as args, got {type(args).__name__}.")
-        get_surgery(model)  # unsupported architectures fail here, before any work
+        get_surgery(model, **args.surgery_options())  # unsupported architectures/options fail here, before any work
         super().__init__(model=model, args=args, **kwargs)
         if args.push_to_hub and args.hub_strategy != "end":
             logger.warning(
@@ -218,7 +221,7 @@ class RMTKDTrainer(Trainer):
         if resume_from_checkpoint is None:
             resume_from_checkpoint = args.resume_from_checkpoint
         self._check_inputs()
-        surgery = get_surgery(self.model)
+        surgery = get_surgery(self.model, **args.surgery_options())
         teacher = self.model
         teacher_fingerprint = _fingerprint(teacher)
         prepared = surgery.prepare(teacher)
@@ -517,7 +520,7 @@ class RMTKDTrainer(Trainer):
     def _stage_parameter_target(self, model, history, index) -> float:
         """Spread the remaining cut evenly over the remaining stages."""
         target = self.args.target_parameter_ratio * history["teacher"]["num_parameters"]
-        remaining_stages = len(self._stages(get_surgery(model))) - index
+        remaining_stages = len(self._stages(get_surgery(model, **self.args.surgery_options()))) - index
         current = count_parameters(model)
         return current - (current - target) / max(remaining_stages, 1)
 

@@ -161,3 +161,20 @@ def test_trainer_checkpoints_hold_no_pickles_and_resume_without_unpickling(tmp_p
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for name, tensor in resumed.model.state_dict().items():
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6)
+
+
+def test_attention_heads_and_width_multiple_through_the_trainer(tmp_path):
+    trainer = make_trainer(
+        tmp_path, reduce_attention_heads=True, width_multiple=8, stage_max_steps=2, max_metric_drop=1.0
+    )
+    model = trainer.compress()
+    config = model.config
+    head_size = 48 // 4
+    assert max(config.query_key_head_sizes) < head_size or max(config.value_head_sizes) < head_size
+    assert all(width % 8 == 0 for width in config.boundary_sizes + config.intermediate_sizes)
+    assert trainer.compression_history["config"]["reduce_attention_heads"] is True
+    reloaded = AutoModelForSequenceClassification.from_pretrained(trainer.args.output_dir)
+    batch = default_data_collator([trainer.eval_dataset[i] for i in range(8)])
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, model.eval()(**batch).logits)
