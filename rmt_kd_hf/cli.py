@@ -7,11 +7,40 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from .spectral_report import POOR_FIT_KS_DISTANCE, SPECTRA_FILENAME, spectral_report
+
+
+def parse_dataclass_arguments(dataclass_types: tuple, argv: Sequence[str] | None = None, prog: str | None = None):
+    """Parse ``argv`` into ``dataclass_types`` with ``HfArgumentParser`` (``--help`` shows every default); a single
+    ``.json`` argument is read as a file of arguments, as in transformers' examples."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, prog=prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def setup_logging(training_args, logger: logging.Logger) -> None:
+    """Log to stdout at the level ``training_args`` gives this process (main process: ``log_level``)."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:

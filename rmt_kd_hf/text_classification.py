@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-import datasets
 import numpy as np
-import transformers
 from datasets import DatasetDict, load_dataset
 from transformers import (
     AutoConfig,
@@ -25,12 +22,12 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
 from .checkpoint import check_checkpoint, copy_out_of_file, save_compressed
+from .cli import parse_dataclass_arguments, setup_logging
 from .config import RMTKDConfig
 from .metrics import load_glue_metric
 from .trainer import RMTKDTrainer
@@ -95,29 +92,9 @@ class DataTrainingArguments:
                 raise ValueError(f"{path}: data files must be .csv, .json or .jsonl")
 
 
-def argument_parser(prog: str | None = None) -> HfArgumentParser:
-    """Model, data and ``RMTKDConfig`` options; ``--help`` shows every option with its default."""
-    return HfArgumentParser((ModelArguments, DataTrainingArguments, RMTKDConfig), prog=prog)
-
-
 def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
-    parser = argument_parser(prog)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def setup_logging(training_args: RMTKDConfig) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+    """Model, data and ``RMTKDConfig`` options; ``--help`` shows every option with its default."""
+    return parse_dataclass_arguments((ModelArguments, DataTrainingArguments, RMTKDConfig), argv, prog)
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> DatasetDict:
@@ -238,7 +215,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv, prog)
     if model_args.teacher_dir is None:
         model_args.teacher_dir = os.path.join(training_args.output_dir, "checkpoint-teacher")
-    setup_logging(training_args)
+    setup_logging(training_args, logger)
     set_seed(training_args.seed)
     raw = load_raw_datasets(data_args, model_args.cache_dir)
     is_regression, label_list = label_setup(data_args, raw)
@@ -278,4 +255,4 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     return results
 
 
-__all__ = ["DataTrainingArguments", "ModelArguments", "argument_parser", "parse_arguments", "run"]
+__all__ = ["DataTrainingArguments", "ModelArguments", "parse_arguments", "run"]

@@ -22,24 +22,21 @@ import json
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
-import datasets
 import numpy as np
-import transformers
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, load_dataset
 from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
     EvalPrediction,
-    HfArgumentParser,
     default_data_collator,
     set_seed,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
+from rmt_kd_hf.cli import parse_dataclass_arguments, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -110,26 +107,7 @@ class DataTrainingArguments:
 
 
 def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, RMTKDConfig))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def setup_logging(training_args: RMTKDConfig) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-
-
-# -- data ------------------------------------------------------------------------------------------------------------
+    return parse_dataclass_arguments((ModelArguments, DataTrainingArguments, RMTKDConfig), argv)
 
 
 def arrays_dataset(path: str) -> DatasetDict:
@@ -308,7 +286,7 @@ def train_teacher(trainer: RMTKDTrainer, model_args: ModelArguments, training_ar
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv)
-    setup_logging(training_args)
+    setup_logging(training_args, logger)
     set_seed(training_args.seed)
     raw = load_image_datasets(data_args, model_args.cache_dir, training_args.seed)
     labels = label_names(raw)
