@@ -172,16 +172,17 @@ def copy_out_of_file(model: torch.nn.Module) -> torch.nn.Module:
 # -- Trainer state without pickles: tensors in safetensors, everything else in JSON ------------------------------
 
 
-def save_optimizer_state(state_dict: dict, directory: str | os.PathLike, prefix: str = "optimizer") -> None:
-    """Write a ``torch.optim`` state dict as ``{prefix}.safetensors`` (tensors) + ``{prefix}.json`` (the rest)."""
+def save_state_dict_file(state_dict: dict, directory: str | os.PathLike, prefix: str) -> None:
+    """Write an optimizer/scheduler/scaler state dict as ``{prefix}.safetensors`` (its tensors) + ``{prefix}.json``
+    (everything else: numbers, strings, lists, nested dicts)."""
     tensors, plain = _split_tensors(state_dict)
     save_file(tensors, os.path.join(os.fspath(directory), f"{prefix}.safetensors"))
     with open(os.path.join(os.fspath(directory), f"{prefix}.json"), "w") as file:
         json.dump(plain, file)
 
 
-def load_optimizer_state(directory: str | os.PathLike, prefix: str = "optimizer") -> dict:
-    """The state dict :func:`save_optimizer_state` wrote (integer keys of ``state`` restored)."""
+def load_state_dict_file(directory: str | os.PathLike, prefix: str) -> dict:
+    """The state dict :func:`save_state_dict_file` wrote (an optimizer's integer ``state`` keys restored)."""
     tensors = load_file(os.path.join(os.fspath(directory), f"{prefix}.safetensors"))
     with open(os.path.join(os.fspath(directory), f"{prefix}.json")) as file:
         plain = json.load(file)
@@ -257,10 +258,10 @@ __all__ = [
     "check_checkpoint",
     "copy_out_of_file",
     "load_checkpoint",
-    "load_optimizer_state",
+    "load_state_dict_file",
     "load_rng_state",
     "save_compressed",
-    "save_optimizer_state",
+    "save_state_dict_file",
     "save_rng_state",
     "write_json_atomic",
 ]

@@ -43,6 +43,44 @@ def setup_logging(training_args, logger: logging.Logger) -> None:
     transformers.utils.logging.set_verbosity(log_level)
 
 
+def train_teacher(trainer, teacher_dir: str | None = None, teacher_learning_rate: float | None = None) -> None:
+    """Train ``trainer.model`` with ``Trainer.train`` (at ``teacher_learning_rate`` if given), then save it atomically
+    to ``teacher_dir`` so that a resumed run finds the same teacher.
+
+    ``resume_from_checkpoint=True`` resumes this training only from a Trainer checkpoint that exists (``compress()``
+    resumes its own stages); the optimizer is reset afterwards so that ``compress()`` starts its own.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .checkpoint import save_compressed
+
+    training_args = trainer.args
+    learning_rate = training_args.learning_rate
+    if teacher_learning_rate is not None:
+        training_args.learning_rate = teacher_learning_rate
+    resume = training_args.resume_from_checkpoint
+    if resume in (True, "True"):
+        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        training_args.learning_rate = learning_rate
+    trainer.log_metrics("teacher_train", result.metrics)
+    trainer.save_metrics("teacher_train", result.metrics)
+    if teacher_dir and trainer.is_world_process_zero():
+        save_compressed(trainer.model, teacher_dir, trainer.processing_class, overwrite=True)
+    trainer.optimizer, trainer.lr_scheduler = None, None
+
+
+def evaluate_split(trainer, split: str, dataset=None) -> dict:
+    """``trainer.evaluate`` on ``dataset`` (default: the eval set) with ``split`` as the metric prefix; the metrics
+    are logged and saved to ``{split}_results.json`` as transformers' examples do."""
+    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=split)
+    trainer.log_metrics(split, metrics)
+    trainer.save_metrics(split, metrics)
+    return metrics
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmt-kd", description="RMT-KD tools for Hugging Face models.")
     commands = parser.add_subparsers(dest="command", required=True)

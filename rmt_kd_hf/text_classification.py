@@ -24,10 +24,9 @@ from transformers import (
     EvalPrediction,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
-from .checkpoint import check_checkpoint, copy_out_of_file, save_compressed
-from .cli import parse_dataclass_arguments, setup_logging
+from .checkpoint import check_checkpoint, copy_out_of_file
+from .cli import evaluate_split, parse_dataclass_arguments, setup_logging, train_teacher
 from .config import RMTKDConfig
 from .metrics import load_glue_metric
 from .trainer import RMTKDTrainer
@@ -192,24 +191,6 @@ def metrics_function(data_args: DataTrainingArguments, is_regression: bool):
     return compute_metrics
 
 
-def finetune_teacher(trainer: RMTKDTrainer, model_args: ModelArguments, training_args: RMTKDConfig) -> None:
-    learning_rate = training_args.learning_rate
-    if model_args.teacher_learning_rate is not None:
-        training_args.learning_rate = model_args.teacher_learning_rate
-    resume = training_args.resume_from_checkpoint
-    if resume in (True, "True"):  # a fine-tuning checkpoint if there is one; compress() resumes its own stages
-        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    finally:
-        training_args.learning_rate = learning_rate
-    trainer.log_metrics("teacher_train", result.metrics)
-    trainer.save_metrics("teacher_train", result.metrics)
-    if trainer.is_world_process_zero():
-        save_compressed(trainer.model, model_args.teacher_dir, trainer.processing_class, overwrite=True)
-    trainer.optimizer, trainer.lr_scheduler = None, None
-
-
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     """Parse ``argv``, fine-tune the teacher if its classifier is new, compress, evaluate; returns the metrics."""
     model_args, data_args, training_args = parse_arguments(argv, prog)
@@ -236,20 +217,14 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     if training_args.do_train:
         if needs_finetuning:
             logger.info("The classifier is new: fine-tuning the teacher first.")
-            finetune_teacher(trainer, model_args, training_args)
+            train_teacher(trainer, model_args.teacher_dir, model_args.teacher_learning_rate)
         trainer.compress()
     if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
+        results.update(evaluate_split(trainer, "eval"))
     if training_args.do_predict and "test" in processed:
         test = processed["test"]
         if "label" in test.column_names and min(test["label"]) >= 0:
-            metrics = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")
-            trainer.log_metrics("test", metrics)
-            trainer.save_metrics("test", metrics)
-            results.update(metrics)
+            results.update(evaluate_split(trainer, "test", test))
     if training_args.push_to_hub:
         trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tasks="text-classification")
     return results

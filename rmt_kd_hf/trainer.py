@@ -24,11 +24,11 @@ from .calibration import collect_covariances
 from .checkpoint import (
     check_checkpoint,
     load_checkpoint,
-    load_optimizer_state,
     load_rng_state,
+    load_state_dict_file,
     save_compressed,
-    save_optimizer_state,
     save_rng_state,
+    save_state_dict_file,
 )
 from .compression import analyse_sites, plan_widths, refit_sites
 from .config import RMTKDConfig
@@ -156,13 +156,13 @@ class RMTKDTrainer(Trainer):
         if not self._plain_checkpoints():
             return super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            save_optimizer_state(self.optimizer.state_dict(), output_dir, "optimizer")
-            save_optimizer_state(self.lr_scheduler.state_dict(), output_dir, "scheduler")
+            save_state_dict_file(self.optimizer.state_dict(), output_dir, "optimizer")
+            save_state_dict_file(self.lr_scheduler.state_dict(), output_dir, "scheduler")
 
     def _save_scaler(self, output_dir: str) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and self.args.should_save:
-            save_optimizer_state(scaler.state_dict(), output_dir, "scaler")
+            save_state_dict_file(scaler.state_dict(), output_dir, "scaler")
 
     def _save_rng_state(self, output_dir: str) -> None:
         os.makedirs(output_dir, exist_ok=True)
@@ -177,15 +177,15 @@ class RMTKDTrainer(Trainer):
         if checkpoint is None or not self._plain_checkpoints():
             return super()._load_optimizer_and_scheduler(checkpoint)
         if os.path.exists(os.path.join(checkpoint, "optimizer.safetensors")):
-            self.optimizer.load_state_dict(load_optimizer_state(checkpoint, "optimizer"))
-            self.lr_scheduler.load_state_dict(load_optimizer_state(checkpoint, "scheduler"))
+            self.optimizer.load_state_dict(load_state_dict_file(checkpoint, "optimizer"))
+            self.lr_scheduler.load_state_dict(load_state_dict_file(checkpoint, "scheduler"))
         else:
             _refuse_pickles(checkpoint, ("optimizer.pt", "scheduler.pt"))
 
     def _load_scaler(self, checkpoint: str | None) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
         if checkpoint is not None and scaler is not None and os.path.exists(os.path.join(checkpoint, "scaler.json")):
-            scaler.load_state_dict(load_optimizer_state(checkpoint, "scaler"))
+            scaler.load_state_dict(load_state_dict_file(checkpoint, "scaler"))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         if checkpoint is None:
@@ -239,9 +239,8 @@ class RMTKDTrainer(Trainer):
         calibration = self._calibration_dataloader(history)
         stages = self._stages(surgery)
         progress = logging.tqdm(total=len(stages), initial=first_stage, desc="RMT-KD stages", disable=args.disable_tqdm)
-        done = self._stop_rule_fired(history)
         for index in range(first_stage, len(stages)):
-            if done:
+            if self._stop_rule_fired(history):  # also when a resumed run had already stopped
                 break
             record = self._run_stage(surgery, calibration, index, stages[index], history)
             history["stages"].append(record)
@@ -249,7 +248,6 @@ class RMTKDTrainer(Trainer):
             self.log({f"rmt_kd/stage_{index}/{key}": value for key, value in record.items() if _is_number(value)})
             if record["status"].startswith("rolled back"):
                 break
-            done = self._stop_rule_fired(history)
             self._save_stage_checkpoint(index, history)
         progress.close()
         self.teacher_model = None

@@ -54,15 +54,15 @@ def test_optimizer_and_rng_states_round_trip_without_pickles(tmp_path):
 
     import numpy as np
 
-    from rmt_kd_hf.checkpoint import load_optimizer_state, load_rng_state, save_optimizer_state, save_rng_state
+    from rmt_kd_hf.checkpoint import load_rng_state, load_state_dict_file, save_rng_state, save_state_dict_file
 
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.99))
     model(torch.randn(5, 4)).sum().backward()
     optimizer.step()
-    save_optimizer_state(optimizer.state_dict(), tmp_path, "optimizer")
+    save_state_dict_file(optimizer.state_dict(), tmp_path, "optimizer")
     restored = torch.optim.AdamW(torch.nn.Linear(4, 3).parameters(), lr=0.5)
-    restored.load_state_dict(load_optimizer_state(tmp_path, "optimizer"))
+    restored.load_state_dict(load_state_dict_file(tmp_path, "optimizer"))
     assert restored.param_groups[0]["lr"] == 1e-3 and tuple(restored.param_groups[0]["betas"]) == (0.8, 0.99)
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():

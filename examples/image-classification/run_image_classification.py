@@ -36,7 +36,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
-from rmt_kd_hf.cli import parse_dataclass_arguments, setup_logging
+from rmt_kd_hf.cli import evaluate_split, parse_dataclass_arguments, setup_logging, train_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -269,21 +269,6 @@ def compute_metrics(prediction: EvalPrediction) -> dict:
     return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
-def train_teacher(trainer: RMTKDTrainer, model_args: ModelArguments, training_args: RMTKDConfig) -> None:
-    learning_rate = training_args.learning_rate
-    if model_args.teacher_learning_rate is not None:
-        training_args.learning_rate = model_args.teacher_learning_rate
-    try:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    finally:
-        training_args.learning_rate = learning_rate
-    trainer.log_metrics("teacher_train", result.metrics)
-    trainer.save_metrics("teacher_train", result.metrics)
-    if model_args.teacher_dir and trainer.is_world_process_zero():
-        trainer.model.save_pretrained(model_args.teacher_dir)
-    trainer.optimizer, trainer.lr_scheduler = None, None
-
-
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args, logger)
@@ -304,18 +289,12 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_train:
         if needs_training:
             logger.info("The teacher is new or its classifier is: training it first.")
-            train_teacher(trainer, model_args, training_args)
+            train_teacher(trainer, model_args.teacher_dir, model_args.teacher_learning_rate)
         trainer.compress()
     if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
+        results.update(evaluate_split(trainer, "eval"))
     if training_args.do_predict and "test" in raw:
-        metrics = trainer.evaluate(eval_dataset=raw["test"], metric_key_prefix="test")
-        trainer.log_metrics("test", metrics)
-        trainer.save_metrics("test", metrics)
-        results.update(metrics)
+        results.update(evaluate_split(trainer, "test", raw["test"]))
     if training_args.push_to_hub:
         trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tasks="image-classification")
     return results
