@@ -22,7 +22,6 @@ from transformers.utils import logging
 
 from .calibration import collect_covariances
 from .checkpoint import (
-    check_checkpoint,
     load_checkpoint,
     load_rng_state,
     load_state_dict_file,
@@ -320,8 +319,8 @@ class RMTKDTrainer(Trainer):
         return checkpoint
 
     def _resume_state(self, checkpoint: str, teacher_fingerprint: str) -> tuple[dict, int]:
-        """History and next stage of ``checkpoint``, after checking it belongs to this teacher and these settings."""
-        check_checkpoint(checkpoint)
+        """History and next stage of ``checkpoint``, after checking it belongs to this teacher and these settings
+        (its weights are checked when ``load_checkpoint`` reads them, right after)."""
         try:
             with open(os.path.join(checkpoint, HISTORY_FILENAME)) as file:
                 history = json.load(file)
