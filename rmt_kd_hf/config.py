@@ -31,6 +31,10 @@ class RMTKDConfig(TrainingArguments):
             Weight of the task loss: `L = α·CE + (1 − α)·T²·KL(p_old ‖ p_new)`.
         distillation_temperature (`float`, defaults to `1.0`):
             Softmax temperature `T` of the distillation term.
+        hidden_distillation_weight (`float`, defaults to `0.0`):
+            BERT: weight β of an intermediate-layer term added to the loss, β·mean over layers of
+            `‖h_new − h_old·Bᵀ‖² / ‖h_old·Bᵀ‖²`: each layer's output in the compressed model against the model
+            before the stage, projected into the stage's reduced basis `B`. 0 turns it off.
         max_metric_drop (`float`, defaults to `0.01`):
             A stage is rolled back when its validation metric falls more than this below the teacher's
             (absolute: 0.01 = one accuracy point).
@@ -59,6 +63,12 @@ class RMTKDConfig(TrainingArguments):
             at the teacher's width (one size per layer, the same for queries/keys and values).
         width_multiple (`int`, defaults to `1`):
             Round every kept width up to a multiple of this; 8 makes CPU matrix products markedly faster.
+        trim_vocabulary (`bool`, *optional*):
+            BERT: keep only the word-embedding rows of the tokens the training set uses (plus the special tokens and
+            the characters of the kept tokens) and save a tokenizer trimmed to match. Exact on the training text;
+            unseen words fall back to known pieces or `[UNK]`. Inside the trainer the datasets keep the teacher
+            tokenizer's ids (a collator maps them). `None` (default) trims whenever the model is a BERT encoder, the
+            trainer has a WordPiece fast tokenizer as `processing_class` and the training set has `input_ids`.
         factorize_word_embeddings (`bool`, defaults to `False`):
             BERT: replace the word-embedding table by a product at the rank the MP rule keeps (measured worse than
             vocabulary trimming on MiniLM; see `benchmarks/results/embedding_options.md`).
@@ -73,6 +83,9 @@ class RMTKDConfig(TrainingArguments):
     mp_refine: bool = field(default=True, metadata={"help": "Refine σ² by fitting the MP bulk."})
     distillation_alpha: float = field(default=0.7, metadata={"help": "Task-loss weight α in α·CE + (1−α)·KL."})
     distillation_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature T."})
+    hidden_distillation_weight: float = field(
+        default=0.0, metadata={"help": "BERT: weight of hidden-state distillation in the reduced basis (0 = off)."}
+    )
     max_metric_drop: float = field(
         default=0.01, metadata={"help": "Roll a stage back when the metric drops more than this below the teacher."}
     )
@@ -102,6 +115,10 @@ class RMTKDConfig(TrainingArguments):
     width_multiple: int = field(
         default=1, metadata={"help": "Round kept widths up to a multiple of this (8 speeds up CPU matrix products)."}
     )
+    trim_vocabulary: bool | None = field(
+        default=None,
+        metadata={"help": "BERT: trim the vocabulary to the training set's tokens (default: whenever possible)."},
+    )
     factorize_word_embeddings: bool = field(
         default=False, metadata={"help": "BERT: factor the word-embedding table at a rank chosen by the MP rule."}
     )
@@ -125,6 +142,7 @@ class RMTKDConfig(TrainingArguments):
             "sigma_quantile": 0.0 < self.sigma_quantile < 1.0,
             "distillation_alpha": 0.0 <= self.distillation_alpha <= 1.0,
             "distillation_temperature": self.distillation_temperature > 0.0,
+            "hidden_distillation_weight": self.hidden_distillation_weight >= 0.0,
             "max_metric_drop": self.max_metric_drop >= 0.0,
             "stage_max_steps": self.stage_max_steps >= 0,
             "min_width": self.min_width >= 1,
@@ -139,6 +157,7 @@ class RMTKDConfig(TrainingArguments):
             "sigma_quantile": "in (0, 1)",
             "distillation_alpha": "in [0, 1]",
             "distillation_temperature": "> 0",
+            "hidden_distillation_weight": ">= 0",
             "max_metric_drop": ">= 0",
             "stage_max_steps": ">= 0",
             "min_width": ">= 1",

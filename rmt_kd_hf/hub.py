@@ -101,6 +101,9 @@ def _results_rows(
             f"{final['num_parameters']} ({final['num_parameters'] / teacher['num_parameters']:.1%})",
         ),
     ]
+    vocabulary = history.get("vocabulary")
+    if vocabulary:  # trimmed to the training set's tokens; the saved tokenizer matches
+        rows.append(("vocabulary (tokens)", _number(vocabulary["teacher_size"]), _number(vocabulary["kept_size"])))
     provenance = history.get("provenance", {})
     if "teacher_weights_mb" in provenance or "weights_mb" in final:
         rows.append(("weights (MB)", _number(provenance.get("teacher_weights_mb")), _number(final.get("weights_mb"))))

@@ -10,7 +10,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from .reports import cpu_latency
 from .spectral_report import SPECTRA_FILENAME, spectra_record
 from .surgery import get_surgery
 from .surgery.base import SiteAnalysis, count_parameters, count_parameters_for_config
+from .vocabulary import TokenIdRemapCollator, dataset_token_ids, trim_embeddings, trim_tokenizer, vocabulary_to_keep
 
 logger = logging.get_logger(__name__)
 
@@ -61,6 +62,8 @@ RESUME_INVARIANTS = (
     "reduce_attention_heads",
     "width_multiple",
     "factorize_word_embeddings",
+    "hidden_distillation_weight",
+    "trim_vocabulary",
 )
 
 
@@ -97,6 +100,31 @@ def distillation_loss(
     return alpha * task + (1 - alpha) * kl
 
 
+def hidden_state_loss(
+    student_states: Sequence[torch.Tensor],
+    teacher_states: Sequence[torch.Tensor],
+    bases: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Intermediate-layer distillation in the reduced basis: the mean over layers of
+    ``‖h_new − h_old·Bᵀ‖² / ‖h_old·Bᵀ‖²`` over the real (unpadded) tokens.
+
+    Args:
+        student_states: per layer, (batch, seq, new_width) hidden states of the model being trained.
+        teacher_states: per layer, (batch, seq, old_width) hidden states of the frozen model before the stage.
+        bases: per layer, (new_width, old_width): the stage's basis, so that ``h_new ≈ h_old @ basis.T``.
+        attention_mask: (batch, seq), 1 for real tokens; ``None`` counts every position.
+    """
+    terms = []
+    for student, teacher, basis in zip(student_states, teacher_states, bases, strict=True):
+        target = teacher.detach() @ basis.T
+        if attention_mask is not None:
+            real = attention_mask.bool()
+            student, target = student[real], target[real]
+        terms.append((student - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 class RMTKDTrainer(Trainer):
     """A ``Trainer`` whose ``compress()`` runs RMT-KD: calibrate, fit the MP law, project a stage, distil from the
     model before the stage, evaluate, and accept or roll back, until a stop rule fires.
@@ -118,7 +146,13 @@ class RMTKDTrainer(Trainer):
                 "Use hub_strategy='end' to publish only safetensors and JSON.",
                 getattr(args.hub_strategy, "value", args.hub_strategy),
             )
+        if args.hidden_distillation_weight > 0 and not hasattr(get_surgery(model), "hidden_state_bases"):
+            raise ValueError(
+                f"hidden_distillation_weight={args.hidden_distillation_weight}: intermediate-layer distillation "
+                f"supports BERT encoders only, not {type(model).__name__}; set it to 0."
+            )
         self.teacher_model: nn.Module | None = None
+        self._hidden_state_bases: list[torch.Tensor] | None = None
         self.compression_history: dict = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -126,12 +160,24 @@ class RMTKDTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         features = {key: value for key, value in inputs.items() if key != "labels"}
-        outputs = model(**features)
+        hidden = self.args.hidden_distillation_weight > 0 and self._hidden_state_bases is not None
+        outputs = model(**features, output_hidden_states=True) if hidden else model(**features)
         with torch.no_grad():
-            teacher_logits = self.teacher_model(**features).logits
+            teacher_outputs = self.teacher_model(**features, output_hidden_states=hidden)
         loss = distillation_loss(
-            outputs.logits, teacher_logits, labels, self.args.distillation_alpha, self.args.distillation_temperature
+            outputs.logits,
+            teacher_outputs.logits,
+            labels,
+            self.args.distillation_alpha,
+            self.args.distillation_temperature,
         )
+        if hidden:
+            loss = loss + self.args.hidden_distillation_weight * hidden_state_loss(
+                outputs.hidden_states,
+                teacher_outputs.hidden_states,
+                self._hidden_state_bases,
+                features.get("attention_mask"),
+            )
         return (loss, outputs) if return_outputs else loss
 
     # -- Trainer checkpoints without pickles ------------------------------------------------------------------
@@ -235,6 +281,7 @@ class RMTKDTrainer(Trainer):
             history["teacher"]["fingerprint"] = teacher_fingerprint
             self._stage_spectra = {}
             self.model = self.model_wrapped = prepared
+        self._trim_vocabulary(surgery, history, resumed=checkpoint is not None)
         calibration = self._calibration_dataloader(history)
         stages = self._stages(surgery)
         progress = logging.tqdm(total=len(stages), initial=first_stage, desc="RMT-KD stages", disable=args.disable_tqdm)
@@ -395,6 +442,44 @@ class RMTKDTrainer(Trainer):
             history["teacher"]["cpu_latency_seconds"] = self._latency(teacher)
         return history
 
+    def _trim_vocabulary(self, surgery, history: dict, resumed: bool) -> None:
+        """Trim ``self.model``'s word embeddings to the training set's tokens (``args.trim_vocabulary``), swap in
+        the trimmed tokenizer (saved with every checkpoint) and map the datasets' original ids in the collator."""
+        setting = self.args.trim_vocabulary
+        if setting is False or isinstance(self.data_collator, TokenIdRemapCollator):  # off, or trimmed already
+            return
+        tokenizer = self.processing_class
+        columns = getattr(self.train_dataset, "column_names", None) or []
+        reason = None
+        if surgery.name != "bert" or self.model.get_output_embeddings() is not None:
+            reason = f"{type(self.model).__name__} has no BERT encoder vocabulary to trim"
+        elif tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
+            reason = "the trainer has no fast tokenizer as processing_class to trim and save with the model"
+        elif "input_ids" not in columns:
+            reason = "train_dataset has no input_ids column to read the task's tokens from"
+        else:
+            try:
+                kept_token_ids = vocabulary_to_keep(tokenizer, dataset_token_ids(self.train_dataset))
+                trimmed_tokenizer = trim_tokenizer(tokenizer, kept_token_ids)
+            except ValueError as error:
+                reason = str(error)
+        if reason is not None:
+            if setting:
+                raise ValueError(f"trim_vocabulary=True, but {reason}: set trim_vocabulary=False.")
+            logger.info("Vocabulary not trimmed: %s.", reason)
+            return
+        if not resumed:
+            history["vocabulary"] = {"teacher_size": self.model.config.vocab_size, "kept_size": len(kept_token_ids)}
+            trim_embeddings(self.model, kept_token_ids)
+        elif self.model.config.vocab_size != len(kept_token_ids):
+            raise ValueError(
+                f"The checkpoint's vocabulary has {self.model.config.vocab_size} tokens, but this training set "
+                f"gives {len(kept_token_ids)}: resume with the training set and tokenizer of the interrupted run."
+            )
+        logger.info("Vocabulary trimmed to the training set's tokens: %d of %d.", len(kept_token_ids), len(tokenizer))
+        self.processing_class = self.callback_handler.processing_class = trimmed_tokenizer
+        self.data_collator = TokenIdRemapCollator(self.data_collator, kept_token_ids, tokenizer.unk_token_id)
+
     def _calibration_dataloader(self, history: dict) -> torch.utils.data.DataLoader:
         """The seeded calibration rows in fixed batches. With several processes each takes every
         ``world_size``-th batch: the batches are those of a one-process run (same rows, same padding, so the same
@@ -447,7 +532,13 @@ class RMTKDTrainer(Trainer):
             record.update(status="skipped: nothing above λ+ left to cut", seconds=time.perf_counter() - start)
             return record
         candidate = surgery.apply(previous, analyses)
+        if args.hidden_distillation_weight > 0:
+            self._hidden_state_bases = [
+                basis.to(device=args.device, dtype=torch.float32)
+                for basis in surgery.hidden_state_bases(previous, analyses)
+            ]
         self._distil(candidate, previous)
+        self._hidden_state_bases = None
         metric = self._validation_metric()
         floor = history["teacher"][f"eval_{args.compression_metric}"] - args.max_metric_drop
         record.update(num_parameters=count_parameters(candidate), **{f"eval_{args.compression_metric}": metric})
@@ -681,4 +772,4 @@ def _stage_record(index: int, stage_names: list[str], quantile: float, analyses:
     }
 
 
-__all__ = ["HISTORY_FILENAME", "RMTKDTrainer", "distillation_loss"]
+__all__ = ["HISTORY_FILENAME", "RMTKDTrainer", "distillation_loss", "hidden_state_loss"]

@@ -151,20 +151,28 @@ def trim_embeddings(model: PreTrainedModel, kept_token_ids: Sequence[int]) -> Pr
     return model
 
 
+def _old_to_new_ids(kept_token_ids: Sequence[int], unk_token_id: int) -> torch.Tensor:
+    """(max kept old id + 1,) lookup from old to new ids, every dropped id pointing at the new ``[UNK]``."""
+    kept = torch.as_tensor(list(kept_token_ids), dtype=torch.long)
+    lookup = torch.full((int(kept.max()) + 1,), -1, dtype=torch.long)
+    lookup[kept] = torch.arange(len(kept))
+    new_unk = int(lookup[unk_token_id]) if unk_token_id < len(lookup) else -1
+    if new_unk < 0:
+        raise ValueError(f"the unknown token (old id {unk_token_id}) is not kept.")
+    return torch.where(lookup < 0, new_unk, lookup)
+
+
+def _apply_lookup(input_ids: torch.Tensor, lookup: torch.Tensor, new_unk: int) -> torch.Tensor:
+    remapped = lookup.to(input_ids.device)[input_ids.clamp(0, len(lookup) - 1)]
+    return torch.where(input_ids >= len(lookup), new_unk, remapped)
+
+
 def remap_token_ids(input_ids: torch.Tensor, kept_token_ids: Sequence[int], unk_token_id: int) -> torch.Tensor:
     """Old-vocabulary ``input_ids`` (any shape) in the trimmed vocabulary; dropped ids become ``unk_token_id``
     (the *old* id of ``[UNK]``). For datasets tokenized before trimming; re-tokenizing with the trimmed tokenizer is
     the same on the text the vocabulary was built from."""
-    kept = torch.as_tensor(list(kept_token_ids), dtype=torch.long)
-    lookup = torch.full((int(kept.max()) + 1,), -1, dtype=torch.long)
-    lookup[kept] = torch.arange(len(kept))
-    new_unk = int(lookup[unk_token_id])
-    if new_unk < 0:
-        raise ValueError(f"the unknown token (old id {unk_token_id}) is not kept.")
-    clipped = input_ids.clamp(0, len(lookup) - 1)
-    remapped = lookup.to(input_ids.device)[clipped]
-    outside = (input_ids >= len(lookup)) | (remapped < 0)
-    return torch.where(outside, torch.full_like(remapped, new_unk), remapped)
+    lookup = _old_to_new_ids(kept_token_ids, unk_token_id)
+    return _apply_lookup(input_ids, lookup, int(lookup[unk_token_id]))
 
 
 def remap_dataset_token_ids(dataset, kept_token_ids: Sequence[int], unk_token_id: int, column: str = "input_ids"):
@@ -175,6 +183,39 @@ def remap_dataset_token_ids(dataset, kept_token_ids: Sequence[int], unk_token_id
         return {column: [remap_token_ids(torch.tensor(ids), kept, unk_token_id).tolist() for ids in batch[column]]}
 
     return dataset.map(remap, batched=True, desc="Remapping token ids")
+
+
+def dataset_token_ids(dataset, column: str = "input_ids", batch_size: int = 1000) -> set[int]:
+    """Every id in ``dataset[column]`` (a tokenized ``datasets.Dataset`` or any sequence of rows with it)."""
+    used: set[int] = set()
+    if hasattr(dataset, "iter"):
+        for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
+            for ids in batch[column]:
+                used.update(int(token_id) for token_id in ids)
+    else:
+        for row in dataset:
+            used.update(int(token_id) for token_id in row[column])
+    return used
+
+
+class TokenIdRemapCollator:
+    """Wraps a data collator so that batches of ids from the original tokenizer reach a trimmed model: ids it
+    dropped become ``[UNK]``.
+
+    Inside a trainer the datasets keep the teacher tokenizer's ids; the trimmed tokenizer is what gets saved.
+    """
+
+    def __init__(self, collator, kept_token_ids: Sequence[int], unk_token_id: int, column: str = "input_ids"):
+        self.collator = collator
+        self.column = column
+        self._lookup = _old_to_new_ids(kept_token_ids, unk_token_id)
+        self._new_unk = int(self._lookup[unk_token_id])
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if self.column in batch:
+            batch[self.column] = _apply_lookup(torch.as_tensor(batch[self.column]), self._lookup, self._new_unk)
+        return batch
 
 
 def trim_vocabulary(
@@ -202,6 +243,8 @@ def trim_vocabulary(
 
 
 __all__ = [
+    "TokenIdRemapCollator",
+    "dataset_token_ids",
     "remap_dataset_token_ids",
     "remap_token_ids",
     "trim_embeddings",

@@ -37,6 +37,8 @@ PUSH = textwrap.dedent(
     )
     trainer.processing_class = tokenizer
     model = trainer.compress().eval()
+    tokenizer = trainer.processing_class  # trimmed to the training vocabulary with the model
+    assert len(tokenizer) == model.config.vocab_size < len(words)
     trainer.push_to_hub(finetuned_from="user/tiny-teacher")
     model.push_to_hub("{BARE_REPO}")
     tokenizer.push_to_hub("{BARE_REPO}")

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, default_data_collator
 
-from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
-from rmt_kd_hf.trainer import HISTORY_FILENAME, distillation_loss
+from rmt_kd_hf import RMTKDConfig, RMTKDTrainer, compress_model
+from rmt_kd_hf.surgery.bert import BertSurgery
+from rmt_kd_hf.trainer import HISTORY_FILENAME, distillation_loss, hidden_state_loss
 
 from .conftest import make_trainer, tiny_bert_config
 
@@ -178,3 +179,68 @@ def test_attention_heads_and_width_multiple_through_the_trainer(tmp_path):
     batch.pop("labels")
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_hidden_state_loss_matches_a_hand_computation_and_skips_padding():
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 3, 5), torch.randn(2, 3, 5)]
+    bases = [torch.linalg.qr(torch.randn(5, 5))[0][:4], torch.eye(5)]
+    student = [teacher[0] @ bases[0].T + 0.1, teacher[1]]
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    real = mask.bool()
+    target = (teacher[0] @ bases[0].T)[real]
+    expected_first = ((student[0][real] - target) ** 2).sum() / (target**2).sum()
+    actual = hidden_state_loss(student, teacher, bases, mask)
+    assert actual.item() == pytest.approx(expected_first.item() / 2, rel=1e-6)  # the second layer matches exactly
+    student[0][~real] = 1e6  # padding never counts
+    assert hidden_state_loss(student, teacher, bases, mask).item() == pytest.approx(actual.item(), rel=1e-6)
+
+
+def test_hidden_state_bases_map_the_teacher_into_the_compressed_coordinates(batches):
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config()).eval()
+    surgery = BertSurgery()
+    prepared = surgery.prepare(teacher)
+    batch = {key: batches[0][key] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        old = prepared(**batch, output_hidden_states=True).hidden_states
+    for keep_all, bound in ((True, 1e-10), (False, 0.5)):
+        student, report = compress_model(teacher, batches, sigma_quantile=0.6, keep_all=keep_all, progress=False)
+        bases = [basis.float() for basis in surgery.hidden_state_bases(prepared, report.analyses)]
+        with torch.no_grad():
+            new = student(**batch, output_hidden_states=True).hidden_states
+        assert [state.shape[-1] for state in new] == [basis.shape[0] for basis in bases]
+        loss = hidden_state_loss(new, old, bases, batch["attention_mask"]).item()
+        assert loss < bound
+        shuffled = [basis[torch.randperm(basis.shape[0])] for basis in bases]
+        assert hidden_state_loss(new, old, shuffled, batch["attention_mask"]).item() > max(loss, 1e-3)
+
+
+def test_hidden_state_distillation_through_the_trainer(tmp_path, monkeypatch):
+    import rmt_kd_hf.trainer as trainer_module
+
+    recorded = []
+
+    def recording_loss(*args, **kwargs):
+        value = hidden_state_loss(*args, **kwargs)
+        recorded.append(value.item())
+        return value
+
+    monkeypatch.setattr(trainer_module, "hidden_state_loss", recording_loss)
+    make_trainer(tmp_path / "off", stage_max_steps=4, max_metric_drop=1.0).compress()
+    assert recorded == []
+    trainer = make_trainer(tmp_path, hidden_distillation_weight=1.0, stage_max_steps=20, max_metric_drop=1.0)
+    trainer.compress()
+    assert len(recorded) == 20
+    assert np.mean(recorded[-5:]) < np.mean(recorded[:5])
+    assert trainer.compression_history["config"]["hidden_distillation_weight"] == 1.0
+
+
+def test_hidden_state_distillation_is_refused_for_resnets(tmp_path):
+    from .resnet_fixtures import tiny_resnet
+
+    with pytest.raises(ValueError, match="hidden_distillation_weight=1.0.*BERT encoders only"):
+        RMTKDTrainer(
+            model=tiny_resnet(),
+            args=RMTKDConfig(output_dir=str(tmp_path), hidden_distillation_weight=1.0, use_cpu=True, report_to=[]),
+        )

@@ -515,6 +515,13 @@ class BertSurgery:
         input_ids = torch.randint(1, config.vocab_size, (batch_size, length), generator=generator)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
+    def hidden_state_bases(self, model: RMTBertPreTrainedModel, analyses) -> list[torch.Tensor]:
+        """One (new width, old width) basis per entry of ``output_hidden_states`` (embeddings, then each layer's
+        output): the compressed model's hidden states are ≈ ``old_states @ basis.T``."""
+        return [
+            torch.from_numpy(analyses[f"boundary.{2 * i}"].basis()) for i in range(model.config.num_hidden_layers + 1)
+        ]
+
     def lift_hidden_states(self, hidden_states: tuple[torch.Tensor, ...], analyses) -> list[torch.Tensor]:
         """Map the compressed model's per-layer hidden states back to the input model's coordinates."""
         bases = [torch.from_numpy(analyses[f"boundary.{2 * i}"].basis()) for i in range(len(hidden_states))]

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""The issue-#8 Pareto sweep, end to end: points at several quantiles × seeds, the compute-matched control, CPU
+latency of every point against the teacher and against a dense BERT of the same widths, then
+``results/frontier.json``, ``results/frontier_sweep.md`` and ``results/frontier.png``.
+
+    python benchmarks/frontier.py --quantiles 0.35 0.5 0.6 --seeds 0 1 2 --steps 600 --work_dir outputs/bench
+
+Points (``frontier_point.py``) already in ``results/frontier_points.jsonl`` with the same recipe are reused, so
+an interrupted sweep continues where it stopped. Latency is measured in this process at the end, every model
+alternating round by round (``--threads`` torch threads, sequence length 128): run it with nothing else on the
+machine. Decisions (the recipe) were taken on the validation split; test accuracy is reported, never tuned on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dense_equivalent import alternating_latency, dense_equivalent_config  # noqa: E402
+from frontier_point import RESULTS as POINTS  # noqa: E402
+
+RESULTS_DIR = os.path.dirname(POINTS)
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default="outputs/bench")
+    parser.add_argument("--quantiles", type=float, nargs="+", default=[0.35, 0.5, 0.6])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--hidden_weight", type=float, default=0.0)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--alpha", type=float, default=0.7, help="distillation_alpha")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip_latency", action="store_true", help="only run the missing points")
+    return parser.parse_args(argv)
+
+
+def recipe_of(args) -> dict:
+    return {
+        "steps": args.steps,
+        "hidden_distillation_weight": args.hidden_weight,
+        "learning_rate": args.learning_rate,
+        "distillation_alpha": args.alpha,
+    }
+
+
+def recorded_points() -> list[dict]:
+    if not os.path.exists(POINTS):
+        return []
+    with open(POINTS) as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def find(points: list[dict], recipe: dict, kind: str, seed: int, quantile: float | None = None) -> dict | None:
+    """The latest recorded run of this recipe whose checkpoint is still on disk."""
+    for point in reversed(points):
+        keys = ("steps", "learning_rate") if kind == "control" else RECIPE_DEFAULTS  # the control distils nothing
+        same_recipe = all(point.get(key, RECIPE_DEFAULTS[key]) == recipe[key] for key in keys)
+        if (
+            same_recipe
+            and point.get("kind", "point") == kind
+            and point["seed"] == seed
+            and (quantile is None or point["quantile"] == quantile)
+            and os.path.exists(os.path.join(point.get("checkpoint", ""), "config.json"))
+        ):
+            return point
+    return None
+
+
+# frontier_points.jsonl lines written before a field existed had its default
+RECIPE_DEFAULTS = {"steps": 600, "hidden_distillation_weight": 0.0, "learning_rate": 1e-4, "distillation_alpha": 0.7}
+
+
+def run_point(args, extra: list[str]) -> None:
+    command = [
+        sys.executable,
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "frontier_point.py"),
+        "--work_dir",
+        args.work_dir,
+        "--steps",
+        str(args.steps),
+        "--hidden_weight",
+        str(args.hidden_weight),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--alpha",
+        str(args.alpha),
+        *extra,
+    ]
+    print("+", shlex.join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def latencies(teacher, checkpoints: list[str], threads: int, rounds: int) -> dict[str, dict]:
+    """Per checkpoint: speedup over the teacher and ratio to its dense equivalent at batch 1 and 32."""
+    torch.set_num_threads(threads)
+    models = {"teacher": teacher.eval()}
+    for checkpoint in checkpoints:
+        compressed = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+        models[checkpoint] = compressed
+        models[f"dense:{checkpoint}"] = BertForSequenceClassification(dense_equivalent_config(compressed.config))
+    timings = {
+        batch_size: alternating_latency(models, batch_size, 128, rounds, repeats=10 if batch_size == 1 else 3)
+        for batch_size in (1, 32)
+    }
+    results = {}
+    for checkpoint in checkpoints:
+        result = {}
+        for batch_size, timing in timings.items():
+            result[f"speedup_b{batch_size}"] = timing["teacher"] / timing[checkpoint]
+            result[f"dense_equivalent_ratio_b{batch_size}"] = timing[checkpoint] / timing[f"dense:{checkpoint}"]
+            result[f"latency_ms_b{batch_size}"] = 1e3 * timing[checkpoint]
+            result[f"teacher_latency_ms_b{batch_size}"] = 1e3 * timing["teacher"]
+        results[checkpoint] = result
+    return results
+
+
+def write_plot(points: list[dict], teacher_accuracy: float, control_accuracy: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for quantile in sorted({point["quantile"] for point in points}):
+        rows = [point for point in points if point["quantile"] == quantile]
+        reductions = [100 * row["param_reduction"] for row in rows]
+        accuracies = [100 * row["test_accuracy"] for row in rows]
+        axis.scatter(reductions, accuracies, s=14, color="tab:blue", alpha=0.5)
+        axis.errorbar(
+            statistics.mean(reductions),
+            statistics.mean(accuracies),
+            yerr=statistics.stdev(accuracies) if len(rows) > 1 else 0,
+            fmt="o",
+            color="tab:blue",
+            capsize=3,
+        )
+        axis.annotate(
+            f"q={quantile}",
+            (statistics.mean(reductions), statistics.mean(accuracies)),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    axis.axhline(100 * teacher_accuracy, color="black", linestyle="--", label="teacher (converged)")
+    axis.axhline(100 * teacher_accuracy - 1, color="grey", linestyle=":", label="teacher − 1 pt")
+    axis.axhline(100 * control_accuracy, color="tab:orange", linestyle="-.", label="control (same steps)")
+    axis.set_xlabel("parameters removed (%)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title("RMT-KD on MiniLM-L6, movie reviews (mean ± sd over seeds)")
+    axis.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_table(points: list[dict], teacher_accuracy: float, control_accuracy: float, command: str, path: str):
+    lines = [
+        "# Frontier: RMT-KD on all-MiniLM-L6-v2, movie-review sentiment",
+        "",
+        f"Produced by `{command}` (points from `benchmarks/frontier_point.py`; every point's own command is in "
+        "`frontier.json`). Converged teacher test accuracy "
+        f"{100 * teacher_accuracy:.2f}%, compute-matched control {100 * control_accuracy:.2f}%. "
+        "Speedups are CPU latency ratios against the teacher, seq 128, measured in one run; the dense-equivalent "
+        "ratio compares with a plain `BertForSequenceClassification` of the same mean widths.",
+        "",
+        "![accuracy vs parameters](frontier.png)",
+        "",
+        "| quantile | seeds | params removed | test acc (mean) | Δ vs teacher | Δ vs control | val acc (mean) "
+        "| speedup b1 | speedup b32 | dense-eq. ratio b1 | dense-eq. ratio b32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for quantile in sorted({point["quantile"] for point in points}):
+        rows = [point for point in points if point["quantile"] == quantile]
+
+        def mean(key, rows=rows):
+            return statistics.mean(row[key] for row in rows)
+
+        lines.append(
+            f"| {quantile} | {len(rows)} | {100 * mean('param_reduction'):.1f}% | {100 * mean('test_accuracy'):.2f}% "
+            f"| {100 * (mean('test_accuracy') - teacher_accuracy):+.2f} pt "
+            f"| {100 * (mean('test_accuracy') - control_accuracy):+.2f} pt | {100 * mean('validation_accuracy'):.2f}% "
+            f"| {mean('speedup_b1'):.2f}× | {mean('speedup_b32'):.2f}× | {mean('dense_equivalent_ratio_b1'):.3f} "
+            f"| {mean('dense_equivalent_ratio_b32'):.3f} |"
+        )
+    lines += [
+        "",
+        "Per seed:",
+        "",
+        "| quantile | seed | params removed | test acc | val acc | speedup b1 | speedup b32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for point in points:
+        lines.append(
+            f"| {point['quantile']} | {point['seed']} | {100 * point['param_reduction']:.2f}% "
+            f"| {100 * point['test_accuracy']:.2f}% | {100 * point['validation_accuracy']:.2f}% "
+            f"| {point['speedup_b1']:.2f}× | {point['speedup_b32']:.2f}× |"
+        )
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_arguments(argv)
+    recipe = recipe_of(args)
+    for seed in args.seeds[:1]:  # one control run: the teacher is the same for every seed
+        if find(recorded_points(), recipe, "control", seed) is None:
+            run_point(args, ["--control", "--seed", str(seed)])
+    for quantile in args.quantiles:
+        for seed in args.seeds:
+            if find(recorded_points(), recipe, "point", seed, quantile) is None:
+                run_point(args, ["--quantile", str(quantile), "--seed", str(seed)])
+    if args.skip_latency:
+        return []
+    recorded = recorded_points()
+    control = find(recorded, recipe, "control", args.seeds[0])
+    points = [find(recorded, recipe, "point", seed, quantile) for quantile in args.quantiles for seed in args.seeds]
+    with open(os.path.join(RESULTS_DIR, "minilm_movie_reviews.json")) as file:
+        arms = {row["arm"]: row for row in json.load(file)["rows"]}
+    teacher_accuracy = arms["teacher (converged)"]["test_accuracy"]
+    teacher = AutoModelForSequenceClassification.from_pretrained(os.path.join(args.work_dir, "teacher_converged"))
+    load_before = os.getloadavg()
+    timing = latencies(teacher, [point["checkpoint"] for point in points], args.threads, args.rounds)
+    load_after = os.getloadavg()
+    frontier = []
+    for point in points:
+        frontier.append(
+            {
+                "quantile": point["quantile"],
+                "seed": point["seed"],
+                "param_reduction": point["param_reduction"],
+                "test_accuracy": point["test_accuracy"],
+                "teacher_test_accuracy": teacher_accuracy,
+                "control_test_accuracy": control["test_accuracy"],
+                **timing[point["checkpoint"]],
+                "validation_accuracy": point["validation_accuracy"],
+                "parameters": point["parameters"],
+                "vocabulary": point["vocabulary"],
+                "widths": point["widths"],
+                "recipe": recipe,
+                "latency_threads": args.threads,
+                "load_average_before_after": [load_before[0], load_after[0]],
+                "command": point["command"],
+                "latency_command": shlex.join(["python", "benchmarks/frontier.py", *(argv or sys.argv[1:])]),
+            }
+        )
+    with open(os.path.join(RESULTS_DIR, "frontier.json"), "w") as file:
+        json.dump(frontier, file, indent=2)
+    command = shlex.join(["python", "benchmarks/frontier.py", *(argv or sys.argv[1:])])
+    write_table(
+        frontier, teacher_accuracy, control["test_accuracy"], command, os.path.join(RESULTS_DIR, "frontier_sweep.md")
+    )
+    write_plot(frontier, teacher_accuracy, control["test_accuracy"], os.path.join(RESULTS_DIR, "frontier.png"))
+    print(open(os.path.join(RESULTS_DIR, "frontier_sweep.md")).read())
+    return frontier
+
+
+if __name__ == "__main__":
+    main()
