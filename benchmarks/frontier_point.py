@@ -47,7 +47,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_length", type=int, default=64)
-    parser.add_argument("--hidden_weight", type=float, default=0.0, help="hidden_distillation_weight")
+    parser.add_argument("--hidden_weight", type=float, default=1.0, help="hidden_distillation_weight")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--alpha", type=float, default=0.7, help="distillation_alpha (task-loss weight)")
     parser.add_argument("--control", action="store_true", help="the compute-matched control instead of a point")

@@ -31,10 +31,12 @@ class RMTKDConfig(TrainingArguments):
             Weight of the task loss: `L = α·CE + (1 − α)·T²·KL(p_old ‖ p_new)`.
         distillation_temperature (`float`, defaults to `1.0`):
             Softmax temperature `T` of the distillation term.
-        hidden_distillation_weight (`float`, defaults to `0.0`):
-            BERT: weight β of an intermediate-layer term added to the loss, β·mean over layers of
+        hidden_distillation_weight (`float`, *optional*):
+            Weight β of an intermediate-layer term added to the loss, β·mean over layers of
             `‖h_new − h_old·Bᵀ‖² / ‖h_old·Bᵀ‖²`: each layer's output in the compressed model against the model
-            before the stage, projected into the stage's reduced basis `B`. 0 turns it off.
+            before the stage, projected into the stage's reduced basis `B` (BERT only). `None` (default): 1.0 for
+            BERT encoders (it won on validation in `benchmarks/results/frontier_sweep.md`), off for the others;
+            0 turns it off.
         max_metric_drop (`float`, defaults to `0.01`):
             A stage is rolled back when its validation metric falls more than this below the teacher's
             (absolute: 0.01 = one accuracy point).
@@ -83,8 +85,9 @@ class RMTKDConfig(TrainingArguments):
     mp_refine: bool = field(default=True, metadata={"help": "Refine σ² by fitting the MP bulk."})
     distillation_alpha: float = field(default=0.7, metadata={"help": "Task-loss weight α in α·CE + (1−α)·KL."})
     distillation_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature T."})
-    hidden_distillation_weight: float = field(
-        default=0.0, metadata={"help": "BERT: weight of hidden-state distillation in the reduced basis (0 = off)."}
+    hidden_distillation_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of hidden-state distillation in the reduced basis (default: 1 for BERT; 0 = off)."},
     )
     max_metric_drop: float = field(
         default=0.01, metadata={"help": "Roll a stage back when the metric drops more than this below the teacher."}
@@ -142,7 +145,8 @@ class RMTKDConfig(TrainingArguments):
             "sigma_quantile": 0.0 < self.sigma_quantile < 1.0,
             "distillation_alpha": 0.0 <= self.distillation_alpha <= 1.0,
             "distillation_temperature": self.distillation_temperature > 0.0,
-            "hidden_distillation_weight": self.hidden_distillation_weight >= 0.0,
+            "hidden_distillation_weight": self.hidden_distillation_weight is None
+            or self.hidden_distillation_weight >= 0,
             "max_metric_drop": self.max_metric_drop >= 0.0,
             "stage_max_steps": self.stage_max_steps >= 0,
             "min_width": self.min_width >= 1,
@@ -157,7 +161,7 @@ class RMTKDConfig(TrainingArguments):
             "sigma_quantile": "in (0, 1)",
             "distillation_alpha": "in [0, 1]",
             "distillation_temperature": "> 0",
-            "hidden_distillation_weight": ">= 0",
+            "hidden_distillation_weight": ">= 0 or None",
             "max_metric_drop": ">= 0",
             "stage_max_steps": ">= 0",
             "min_width": ">= 1",

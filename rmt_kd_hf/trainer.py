@@ -146,11 +146,15 @@ class RMTKDTrainer(Trainer):
                 "Use hub_strategy='end' to publish only safetensors and JSON.",
                 getattr(args.hub_strategy, "value", args.hub_strategy),
             )
-        if args.hidden_distillation_weight > 0 and not hasattr(get_surgery(model), "hidden_state_bases"):
+        supports_hidden = hasattr(get_surgery(model), "hidden_state_bases")
+        if args.hidden_distillation_weight and not supports_hidden:
             raise ValueError(
                 f"hidden_distillation_weight={args.hidden_distillation_weight}: intermediate-layer distillation "
                 f"supports BERT encoders only, not {type(model).__name__}; set it to 0."
             )
+        # None: on where the architecture supports it (won on validation, benchmarks/results/frontier_sweep.md)
+        weight = args.hidden_distillation_weight
+        self.hidden_distillation_weight = (1.0 if supports_hidden else 0.0) if weight is None else weight
         self.teacher_model: nn.Module | None = None
         self._hidden_state_bases: list[torch.Tensor] | None = None
         self.compression_history: dict = {}
@@ -160,7 +164,7 @@ class RMTKDTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         features = {key: value for key, value in inputs.items() if key != "labels"}
-        hidden = self.args.hidden_distillation_weight > 0 and self._hidden_state_bases is not None
+        hidden = self.hidden_distillation_weight > 0 and self._hidden_state_bases is not None
         outputs = model(**features, output_hidden_states=True) if hidden else model(**features)
         with torch.no_grad():
             teacher_outputs = self.teacher_model(**features, output_hidden_states=hidden)
@@ -172,7 +176,7 @@ class RMTKDTrainer(Trainer):
             self.args.distillation_temperature,
         )
         if hidden:
-            loss = loss + self.args.hidden_distillation_weight * hidden_state_loss(
+            loss = loss + self.hidden_distillation_weight * hidden_state_loss(
                 outputs.hidden_states,
                 teacher_outputs.hidden_states,
                 self._hidden_state_bases,
@@ -380,10 +384,11 @@ class RMTKDTrainer(Trainer):
                 f"{checkpoint} was made from a different teacher (weights fingerprint differs): pass the teacher the "
                 "run started from, or start a new run in a fresh output_dir."
             )
+        settings = self._settings()
         changed = [
-            f"{key}: {history['config'].get(key)!r} -> {getattr(self.args, key)!r}"
+            f"{key}: {history['config'].get(key)!r} -> {settings[key]!r}"
             for key in RESUME_INVARIANTS
-            if history["config"].get(key) != getattr(self.args, key)
+            if history["config"].get(key) != settings[key]
         ]
         if changed:
             raise ValueError(
@@ -392,6 +397,12 @@ class RMTKDTrainer(Trainer):
             )
         self._stage_spectra = {int(key): value for key, value in resume_state["stage_spectra"].items()}
         return history, int(resume_state["next_stage"])
+
+    def _settings(self) -> dict:
+        """The settings a resumed run must share with the interrupted one, defaults resolved (as in the history)."""
+        settings = {key: getattr(self.args, key) for key in RESUME_INVARIANTS}
+        settings["hidden_distillation_weight"] = self.hidden_distillation_weight
+        return settings
 
     def _check_inputs(self) -> None:
         """Fail before any work on inputs that would break a stage hours later."""
@@ -435,7 +446,7 @@ class RMTKDTrainer(Trainer):
                 "num_parameters": count_parameters(teacher),
                 f"eval_{args.compression_metric}": teacher_metric,
             },
-            "config": {key: getattr(args, key) for key in RESUME_INVARIANTS},
+            "config": self._settings(),
             "stages": [],
         }
         if args.target_latency_ratio is not None:
@@ -532,7 +543,7 @@ class RMTKDTrainer(Trainer):
             record.update(status="skipped: nothing above λ+ left to cut", seconds=time.perf_counter() - start)
             return record
         candidate = surgery.apply(previous, analyses)
-        if args.hidden_distillation_weight > 0:
+        if self.hidden_distillation_weight > 0:
             self._hidden_state_bases = [
                 basis.to(device=args.device, dtype=torch.float32)
                 for basis in surgery.hidden_state_bases(previous, analyses)

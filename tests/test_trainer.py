@@ -227,16 +227,16 @@ def test_hidden_state_distillation_through_the_trainer(tmp_path, monkeypatch):
         return value
 
     monkeypatch.setattr(trainer_module, "hidden_state_loss", recording_loss)
-    make_trainer(tmp_path / "off", stage_max_steps=4, max_metric_drop=1.0).compress()
+    make_trainer(tmp_path / "off", hidden_distillation_weight=0.0, stage_max_steps=4, max_metric_drop=1.0).compress()
     assert recorded == []
-    trainer = make_trainer(tmp_path, hidden_distillation_weight=1.0, stage_max_steps=20, max_metric_drop=1.0)
+    trainer = make_trainer(tmp_path, stage_max_steps=20, max_metric_drop=1.0)  # default: on (1.0) for BERT
     trainer.compress()
     assert len(recorded) == 20
     assert np.mean(recorded[-5:]) < np.mean(recorded[:5])
     assert trainer.compression_history["config"]["hidden_distillation_weight"] == 1.0
 
 
-def test_hidden_state_distillation_is_refused_for_resnets(tmp_path):
+def test_hidden_state_distillation_is_refused_for_resnets_and_off_by_default_there(tmp_path):
     from .resnet_fixtures import tiny_resnet
 
     with pytest.raises(ValueError, match="hidden_distillation_weight=1.0.*BERT encoders only"):
@@ -244,3 +244,5 @@ def test_hidden_state_distillation_is_refused_for_resnets(tmp_path):
             model=tiny_resnet(),
             args=RMTKDConfig(output_dir=str(tmp_path), hidden_distillation_weight=1.0, use_cpu=True, report_to=[]),
         )
+    default = RMTKDTrainer(model=tiny_resnet(), args=RMTKDConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    assert default.hidden_distillation_weight == 0.0  # the default turns it on only where it exists

@@ -457,6 +457,11 @@ def apply_bert_bases(
     return compressed.train(model.training)
 
 
+def _layer_output_bases(analyses, count: int) -> list[torch.Tensor]:
+    """Bases of the residual boundaries that ``output_hidden_states`` returns (embeddings, each layer's output)."""
+    return [torch.from_numpy(analyses[f"boundary.{2 * i}"].basis()) for i in range(count)]
+
+
 class BertSurgery:
     """``ArchitectureSurgery`` for BERT encoders.
 
@@ -518,13 +523,11 @@ class BertSurgery:
     def hidden_state_bases(self, model: RMTBertPreTrainedModel, analyses) -> list[torch.Tensor]:
         """One (new width, old width) basis per entry of ``output_hidden_states`` (embeddings, then each layer's
         output): the compressed model's hidden states are ≈ ``old_states @ basis.T``."""
-        return [
-            torch.from_numpy(analyses[f"boundary.{2 * i}"].basis()) for i in range(model.config.num_hidden_layers + 1)
-        ]
+        return _layer_output_bases(analyses, model.config.num_hidden_layers + 1)
 
     def lift_hidden_states(self, hidden_states: tuple[torch.Tensor, ...], analyses) -> list[torch.Tensor]:
         """Map the compressed model's per-layer hidden states back to the input model's coordinates."""
-        bases = [torch.from_numpy(analyses[f"boundary.{2 * i}"].basis()) for i in range(len(hidden_states))]
+        bases = _layer_output_bases(analyses, len(hidden_states))
         return [
             states.to(torch.float64) @ basis.to(states.device)
             for states, basis in zip(hidden_states, bases, strict=True)
