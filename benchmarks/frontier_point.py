@@ -27,12 +27,11 @@ import shlex
 import sys
 import time
 
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import rmt_kd_hf  # noqa: F401  (registers the RMTBert auto classes)
 from rmt_kd_hf.data import default_teacher_path, load_movie_reviews
-from rmt_kd_hf.reports import parameter_counts
+from rmt_kd_hf.reports import parameter_counts, text_classification_accuracy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from minilm_movie_reviews import trainer_for  # noqa: E402
@@ -59,20 +58,6 @@ def point_name(args: argparse.Namespace) -> str:
         return f"control_s{args.seed}_steps{args.steps}_lr{args.learning_rate}"
     recipe = f"steps{args.steps}_h{args.hidden_weight}_lr{args.learning_rate}_a{args.alpha}"
     return f"frontier_q{args.quantile}_s{args.seed}_{recipe}"
-
-
-@torch.no_grad()
-def accuracy_of(model, tokenizer, texts: list[str], labels: list[int], max_length: int, batch_size: int = 128):
-    """Accuracy of ``model`` on raw ``texts`` tokenized by ``tokenizer`` (as a user of the checkpoint would)."""
-    model.eval()
-    collator = DataCollatorWithPadding(tokenizer)
-    correct = 0
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length)
-        batch = collator([dict(zip(encoded, row, strict=True)) for row in zip(*encoded.values(), strict=True)])
-        predictions = model(**batch).logits.argmax(-1)
-        correct += int((predictions == torch.tensor(labels[start : start + batch_size])).sum())
-    return correct / len(texts)
 
 
 def main(argv=None) -> dict:
@@ -118,7 +103,7 @@ def main(argv=None) -> dict:
 
     def accuracy(split: str) -> float:
         rows = reviews[split]
-        return accuracy_of(model, saved_tokenizer, rows["sentence"], rows["label"], args.max_length)
+        return text_classification_accuracy(model, saved_tokenizer, rows["sentence"], rows["label"], args.max_length)
 
     validation, test = accuracy("validation"), accuracy("test")
     parameters = parameter_counts(model)["total"]

@@ -115,11 +115,11 @@ def hidden_state_loss(
         bases: per layer, (new_width, old_width): the stage's basis, so that ``h_new ≈ h_old @ basis.T``.
         attention_mask: (batch, seq), 1 for real tokens; ``None`` counts every position.
     """
+    real = attention_mask.bool() if attention_mask is not None else None
     terms = []
     for student, teacher, basis in zip(student_states, teacher_states, bases, strict=True):
         target = teacher.detach() @ basis.T
-        if attention_mask is not None:
-            real = attention_mask.bool()
+        if real is not None:
             student, target = student[real], target[real]
         terms.append((student - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
     return torch.stack(terms).mean()
@@ -138,7 +138,7 @@ class RMTKDTrainer(Trainer):
     def __init__(self, model: nn.Module, args: RMTKDConfig, **kwargs):
         if not isinstance(args, RMTKDConfig):
             raise TypeError(f"RMTKDTrainer needs an RMTKDConfig as args, got {type(args).__name__}.")
-        get_surgery(model, **args.surgery_options())  # unsupported architectures/options fail here, before any work
+        surgery = get_surgery(model, **args.surgery_options())  # unsupported architectures/options fail here
         super().__init__(model=model, args=args, **kwargs)
         if args.push_to_hub and args.hub_strategy != "end":
             logger.warning(
@@ -146,7 +146,7 @@ class RMTKDTrainer(Trainer):
                 "Use hub_strategy='end' to publish only safetensors and JSON.",
                 getattr(args.hub_strategy, "value", args.hub_strategy),
             )
-        supports_hidden = hasattr(get_surgery(model), "hidden_state_bases")
+        supports_hidden = hasattr(surgery, "hidden_state_bases")
         if args.hidden_distillation_weight and not supports_hidden:
             raise ValueError(
                 f"hidden_distillation_weight={args.hidden_distillation_weight}: intermediate-layer distillation "

@@ -177,10 +177,11 @@ def remap_token_ids(input_ids: torch.Tensor, kept_token_ids: Sequence[int], unk_
 
 def remap_dataset_token_ids(dataset, kept_token_ids: Sequence[int], unk_token_id: int, column: str = "input_ids"):
     """A ``datasets.Dataset`` tokenized with the original vocabulary, its ``column`` remapped (``remap_token_ids``)."""
-    kept = list(kept_token_ids)
+    lookup = _old_to_new_ids(kept_token_ids, unk_token_id)  # built once, not once per row
+    new_unk = int(lookup[unk_token_id])
 
     def remap(batch: dict) -> dict:
-        return {column: [remap_token_ids(torch.tensor(ids), kept, unk_token_id).tolist() for ids in batch[column]]}
+        return {column: [_apply_lookup(torch.tensor(ids), lookup, new_unk).tolist() for ids in batch[column]]}
 
     return dataset.map(remap, batched=True, desc="Remapping token ids")
 

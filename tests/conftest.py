@@ -85,6 +85,10 @@ def accuracy(eval_prediction):
     return {"accuracy": float((eval_prediction.predictions.argmax(-1) == eval_prediction.label_ids).mean())}
 
 
+# RMTKDConfig fields every test trainer shares: CPU, no reports, saves, logs or progress bars
+QUIET_CPU_ARGS = dict(report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
+
+
 def make_trainer(
     tmp_path, compute_metrics=accuracy, model=None, train_rows=320, eval_rows=128, callbacks=None, **overrides
 ):
@@ -97,12 +101,8 @@ def make_trainer(
         learning_rate=3e-3,
         stage_max_steps=10,
         max_steps=60,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
         seed=0,
+        **QUIET_CPU_ARGS,
     )
     fields.update(overrides)
     model = BertForSequenceClassification(tiny_bert_config(num_labels=2)) if model is None else model

@@ -15,6 +15,7 @@ from transformers import (
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
 from rmt_kd_hf.trainer import HISTORY_FILENAME
 
+from .conftest import QUIET_CPU_ARGS
 from .resnet_fixtures import single_thread  # noqa: F401
 
 pytest.importorskip("sklearn", reason="the digits data come from scikit-learn (test extra)")
@@ -44,12 +45,8 @@ def compressed_run(tmp_path_factory):
         min_width=2,  # 4-channel sites of a tiny ResNet can have k = 0: accept a floor of 2
         compression_schedule="per_layer",
         latency_sequence_length=16,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
         seed=0,
+        **QUIET_CPU_ARGS,
     )
     trainer = RMTKDTrainer(
         model=ResNetForImageClassification(config),

@@ -19,7 +19,7 @@ from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
 from rmt_kd_hf.hub import write_model_card
 from rmt_kd_hf.trainer import HISTORY_FILENAME
 
-from .conftest import accuracy, tiny_bert_config
+from .conftest import QUIET_CPU_ARGS, accuracy, tiny_bert_config
 from .test_vocabulary import VOCABULARY
 
 TRAIN_WORDS = ["a", "film", "playing", "quiet", "quietly", "great", "movie", "the", "plays"]
@@ -56,11 +56,8 @@ def make_text_trainer(tmp_path, tokenizer, processing_class="same", **overrides)
         max_metric_drop=1.0,
         sigma_quantile=0.3,
         min_width=2,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
         measure_latency=False,
+        **QUIET_CPU_ARGS,
     )
     fields.update(overrides)
     return RMTKDTrainer(

@@ -22,13 +22,18 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_glue  # noqa: E402
 
 from rmt_kd_hf.data import write_movie_review_csvs  # noqa: E402
-from rmt_kd_hf.reports import cpu_latency, parameter_counts, safetensors_size_mb  # noqa: E402
+from rmt_kd_hf.reports import (  # noqa: E402
+    cpu_latency,
+    parameter_counts,
+    safetensors_size_mb,
+    text_classification_accuracy,
+)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,19 +79,11 @@ def run_glue_arguments(args: argparse.Namespace, files: dict[str, str]) -> list[
     ]
 
 
-@torch.inference_mode()
 def test_accuracy(model, tokenizer, test_csv: str) -> float:
     from datasets import load_dataset
 
     test = load_dataset("csv", data_files={"test": test_csv})["test"]
-    collator = DataCollatorWithPadding(tokenizer)
-    correct = 0
-    for start in range(0, len(test), 128):
-        rows = test[start : start + 128]
-        batch = collator([tokenizer(text, truncation=True, max_length=64) for text in rows["sentence"]])
-        predictions = model.eval()(**batch).logits.argmax(-1)
-        correct += int((predictions == torch.tensor(rows["label"])).sum())
-    return correct / len(test)
+    return text_classification_accuracy(model, tokenizer, test["sentence"], test["label"], max_length=64)
 
 
 def measure(name: str, directory: str, tokenizer, test_csv: str, repeats: int) -> dict:
