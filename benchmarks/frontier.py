@@ -26,6 +26,7 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dense_equivalent import alternating_latency, dense_equivalent_config  # noqa: E402
+from frontier_point import HEAD_SIZE_RULE  # noqa: E402
 from frontier_point import RESULTS as POINTS  # noqa: E402
 
 RESULTS_DIR = os.path.dirname(POINTS)
@@ -40,6 +41,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--hidden_weight", type=float, default=1.0)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--alpha", type=float, default=0.7, help="distillation_alpha")
+    parser.add_argument("--temperature", type=float, default=1.0, help="distillation_temperature")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip_latency", action="store_true", help="only run the missing points")
@@ -52,6 +54,8 @@ def recipe_of(args) -> dict:
         "hidden_distillation_weight": args.hidden_weight,
         "learning_rate": args.learning_rate,
         "distillation_alpha": args.alpha,
+        "distillation_temperature": args.temperature,
+        "head_size_rule": HEAD_SIZE_RULE,
     }
 
 
@@ -79,7 +83,14 @@ def find(points: list[dict], recipe: dict, kind: str, seed: int, quantile: float
 
 
 # frontier_points.jsonl lines written before a field existed had its default
-RECIPE_DEFAULTS = {"steps": 600, "hidden_distillation_weight": 0.0, "learning_rate": 1e-4, "distillation_alpha": 0.7}
+RECIPE_DEFAULTS = {
+    "steps": 600,
+    "hidden_distillation_weight": 0.0,
+    "learning_rate": 1e-4,
+    "distillation_alpha": 0.7,
+    "distillation_temperature": 1.0,
+    "head_size_rule": "up",
+}
 
 
 def control_arm(args) -> dict | None:
@@ -105,6 +116,8 @@ def run_point(args, extra: list[str]) -> None:
         str(args.learning_rate),
         "--alpha",
         str(args.alpha),
+        "--temperature",
+        str(args.temperature),
         *extra,
     ]
     print("+", shlex.join(command), flush=True)
@@ -221,14 +234,16 @@ def write_table(points: list[dict], teacher_accuracy: float, control_accuracy: f
         "Every run in `frontier_points.jsonl` (the recipe was chosen on validation accuracy at q = 0.5; the test",
         "column was never used to choose):",
         "",
-        "| kind | quantile | seed | steps | hidden β | lr | α | params removed | val acc | test acc | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kind | quantile | seed | steps | hidden β | lr | α | T | head sizes | params removed | val acc | test acc "
+        "| command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in recorded_points():
         recipe = {key: run.get(key, default) for key, default in RECIPE_DEFAULTS.items()}
         lines.append(
             f"| {run.get('kind', 'point')} | {run['quantile']} | {run['seed']} | {recipe['steps']} "
             f"| {recipe['hidden_distillation_weight']} | {recipe['learning_rate']} | {recipe['distillation_alpha']} "
+            f"| {recipe['distillation_temperature']} | {recipe['head_size_rule']} "
             f"| {100 * run['param_reduction']:.2f}% | {100 * run['validation_accuracy']:.2f}% "
             f"| {100 * run['test_accuracy']:.2f}% | `{run['command']}` |"
         )

@@ -36,6 +36,9 @@ from rmt_kd_hf.reports import parameter_counts, text_classification_accuracy
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from minilm_movie_reviews import trainer_for  # noqa: E402
 
+# Recorded with every point: lines written before per-head sizes were rounded to the nearest multiple of 8 had them
+# rounded up ("up"), which is a different layout.
+HEAD_SIZE_RULE = "nearest"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "frontier_points.jsonl")
 
 
@@ -49,6 +52,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--hidden_weight", type=float, default=1.0, help="hidden_distillation_weight")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--alpha", type=float, default=0.7, help="distillation_alpha (task-loss weight)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="distillation_temperature")
     parser.add_argument("--control", action="store_true", help="the compute-matched control instead of a point")
     return parser.parse_args(argv)
 
@@ -56,8 +60,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 def point_name(args: argparse.Namespace) -> str:
     if args.control:
         return f"control_s{args.seed}_steps{args.steps}_lr{args.learning_rate}"
-    recipe = f"steps{args.steps}_h{args.hidden_weight}_lr{args.learning_rate}_a{args.alpha}"
-    return f"frontier_q{args.quantile}_s{args.seed}_{recipe}"
+    recipe = f"steps{args.steps}_h{args.hidden_weight}_lr{args.learning_rate}_a{args.alpha}_T{args.temperature}"
+    return f"frontier_q{args.quantile}_s{args.seed}_{recipe}_heads-{HEAD_SIZE_RULE}"
 
 
 def main(argv=None) -> dict:
@@ -88,6 +92,7 @@ def main(argv=None) -> dict:
         hidden_distillation_weight=args.hidden_weight,
         learning_rate=args.learning_rate,
         distillation_alpha=args.alpha,
+        distillation_temperature=args.temperature,
         max_metric_drop=1.0,  # measure, do not gate
         reduce_attention_heads=True,
         width_multiple=8,
@@ -115,6 +120,8 @@ def main(argv=None) -> dict:
         "hidden_distillation_weight": args.hidden_weight,
         "learning_rate": args.learning_rate,
         "distillation_alpha": args.alpha,
+        "distillation_temperature": args.temperature,
+        "head_size_rule": HEAD_SIZE_RULE,
         "vocabulary": len(saved_tokenizer),
         "parameters": parameters,
         "param_reduction": 1 - parameters / teacher_parameters,

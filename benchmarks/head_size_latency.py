@@ -31,6 +31,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--head_sizes", type=int, nargs="+", default=[20, 16])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--output", default="head_size_latency.json", help="file name under benchmarks/results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     saved = AutoModelForSequenceClassification.from_pretrained(args.checkpoint).eval()
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
         }
     result["load_average_after"] = os.getloadavg()[0]
     result["command"] = "python benchmarks/head_size_latency.py " + " ".join(argv or sys.argv[1:])
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "head_size_latency.json"), "w") as f:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.output), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
     return result

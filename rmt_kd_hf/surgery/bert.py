@@ -267,14 +267,18 @@ def _ffn_rewrite(rewriter: _Rewriter, layer: int, analysis: SiteAnalysis, basis_
     analysis.extra["kept_neurons"] = kept.tolist()
 
 
-# Per-head sizes are rounded up to a multiple of this (capped at the current size): CPU attention kernels run
-# 16-wide heads faster than 13- or 15-wide ones.
+# Per-head sizes are rounded to the nearest multiple of this (at least one multiple, capped at the current size):
+# CPU attention kernels run 16-wide heads faster than 13- or 15-wide ones. Nearest rather than up: the MP rule keeps
+# about as many attention directions as residual ones, and rounding 18.6 up to 24 per head made attention 1.29x
+# wider than the residual, costing 1.24-1.35x latency against a dense BERT of the same widths (16: 1.13/1.10;
+# benchmarks/results/head_size_latency.json).
 HEAD_SIZE_MULTIPLE = 8
 
 
 def _per_head_size(width: int, num_heads: int, current: int) -> int:
-    """Per-head size of an attention site that keeps ``width`` directions over all heads (rounded up)."""
-    return min(current, HEAD_SIZE_MULTIPLE * math.ceil(width / num_heads / HEAD_SIZE_MULTIPLE))
+    """Per-head size of an attention site that keeps ``width`` directions over all heads (to the nearest multiple)."""
+    multiples = max(1, math.floor(width / num_heads / HEAD_SIZE_MULTIPLE + 0.5))
+    return min(current, HEAD_SIZE_MULTIPLE * multiples)
 
 
 def _head_sizes(config: RMTBertConfig, widths: dict[str, int], layer: int) -> tuple[int, int]:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from transformers import BertForQuestionAnswering, BertForSequenceClassification, BertModel
@@ -70,7 +72,7 @@ def test_keep_all_with_head_and_rank_sites_reproduces_the_teacher(teacher_class,
 
 
 def test_per_head_reduction_cuts_attention_widths(batches, monkeypatch):
-    monkeypatch.setattr(bert_surgery, "HEAD_SIZE_MULTIPLE", 1)  # exact MP sizes (the default rounds up to 8)
+    monkeypatch.setattr(bert_surgery, "HEAD_SIZE_MULTIPLE", 1)  # MP sizes to the nearest 1 (the default: 8)
     torch.manual_seed(3)
     teacher = BertForSequenceClassification(tiny_bert_config()).eval()
     student, report = compress_model(teacher, batches, sigma_quantile=0.6, progress=False, surgery_options=HEADS_ON)
@@ -82,7 +84,7 @@ def test_per_head_reduction_cuts_attention_widths(batches, monkeypatch):
             kept[name] = analysis.kept_width
             assert kept[name] == max(1, int((analysis.eigenvalues > analysis.fit.lambda_plus).sum()))
         # One size per layer for queries/keys and values (the fast attention kernel needs them equal): the larger.
-        expected = -(-max(kept.values()) // 4)
+        expected = max(1, math.floor(max(kept.values()) / 4 + 0.5))
         assert config.query_key_head_sizes[layer] == config.value_head_sizes[layer] == expected < 12
     attention = student.bert.encoder.layer[0].attention
     assert attention.self.query.out_features == 4 * config.query_key_head_sizes[0]
@@ -95,11 +97,15 @@ def test_per_head_reduction_cuts_attention_widths(batches, monkeypatch):
     torch.testing.assert_close(output.logits, logits_of(student, batches[0]), atol=1e-5, rtol=0)
 
 
-def test_head_sizes_round_up_to_the_multiple_and_never_grow(config):
+def test_head_sizes_round_to_the_nearest_multiple_and_never_grow(config):
     rmt_config = convert_bert_to_rmt(BertModel(tiny_bert_config(hidden_size=64, num_attention_heads=2))).config
     widths = {"attention.0.query_key": 13, "attention.0.value": 3, "attention.1.value": 63}
-    assert bert_surgery._head_sizes(rmt_config, widths, 0) == (8, 8)  # ceil(13 / 2) = 7 -> 8, value follows
-    assert bert_surgery._head_sizes(rmt_config, widths, 1) == (32, 32)  # 32 is the current size: no growth
+    assert bert_surgery._head_sizes(rmt_config, widths, 0) == (8, 8)  # 6.5 -> 8, value 1.5 -> 8 (at least one)
+    assert bert_surgery._head_sizes(rmt_config, widths, 1) == (32, 32)  # 31.5 -> 32 is the current size
+    widths = {"attention.0.query_key": 37, "attention.0.value": 23, "attention.1.value": 41, "attention.1.query_key": 9}
+    # 18.5 per head -> 16, not 24: heads x size stays near the 37 kept directions; value 11.5 -> 8, the larger wins
+    assert bert_surgery._head_sizes(rmt_config, widths, 0) == (16, 16)
+    assert bert_surgery._head_sizes(rmt_config, widths, 1) == (24, 24)  # value 20.5 -> 24, query/key 4.5 -> 8
 
 
 def test_a_reduced_model_can_be_reduced_again_exactly(batches):
