@@ -36,6 +36,13 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="outputs/bench")
     parser.add_argument("--quantiles", type=float, nargs="+", default=[0.35, 0.5, 0.6])
+    parser.add_argument(
+        "--targets",
+        type=float,
+        nargs="*",
+        default=[],
+        help="target_parameter_ratio points too (fraction of the teacher's parameters kept; quantile by bisection)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--hidden_weight", type=float, default=1.0)
@@ -66,8 +73,11 @@ def recorded_points() -> list[dict]:
         return [json.loads(line) for line in file if line.strip()]
 
 
-def find(points: list[dict], recipe: dict, kind: str, seed: int, quantile: float | None = None) -> dict | None:
-    """The latest recorded run of this recipe whose checkpoint is still on disk."""
+def find(
+    points: list[dict], recipe: dict, kind: str, seed: int, quantile: float | None = None, target: float | None = None
+) -> dict | None:
+    """The latest recorded run of this recipe (at ``quantile``, or at parameter ``target``) whose checkpoint is still
+    on disk."""
     for point in reversed(points):
         keys = ("steps", "learning_rate") if kind == "control" else RECIPE_DEFAULTS  # the control distils nothing
         same_recipe = all(point.get(key, RECIPE_DEFAULTS[key]) == recipe[key] for key in keys)
@@ -75,7 +85,8 @@ def find(points: list[dict], recipe: dict, kind: str, seed: int, quantile: float
             same_recipe
             and point.get("kind", "point") == kind
             and point["seed"] == seed
-            and (quantile is None or point["quantile"] == quantile)
+            and point.get("target_parameter_ratio") == target
+            and (quantile is None or target is not None or point["quantile"] == quantile)
             and os.path.exists(os.path.join(point.get("checkpoint", ""), "config.json"))
         ):
             return point
@@ -148,6 +159,20 @@ def latencies(teacher, checkpoints: list[str], threads: int, rounds: int) -> dic
     return results
 
 
+def setting(point: dict) -> str:
+    """The row a point is grouped under: its σ² quantile, or its parameter target."""
+    target = point.get("target_parameter_ratio")
+    return f"q = {point['quantile']}" if target is None else f"target ≥ {1 - target:.0%} removed"
+
+
+def settings(points: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Points grouped by ``setting``, from the mildest compression to the strongest."""
+    groups: dict[str, list[dict]] = {}
+    for point in points:
+        groups.setdefault(setting(point), []).append(point)
+    return sorted(groups.items(), key=lambda group: statistics.mean(row["param_reduction"] for row in group[1]))
+
+
 def write_plot(points: list[dict], teacher_accuracy: float, control_accuracy: float, path: str) -> None:
     import matplotlib
 
@@ -155,8 +180,7 @@ def write_plot(points: list[dict], teacher_accuracy: float, control_accuracy: fl
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for quantile in sorted({point["quantile"] for point in points}):
-        rows = [point for point in points if point["quantile"] == quantile]
+    for label, rows in settings(points):
         reductions = [100 * row["param_reduction"] for row in rows]
         accuracies = [100 * row["test_accuracy"] for row in rows]
         axis.scatter(reductions, accuracies, s=14, color="tab:blue", alpha=0.5)
@@ -169,7 +193,7 @@ def write_plot(points: list[dict], teacher_accuracy: float, control_accuracy: fl
             capsize=3,
         )
         axis.annotate(
-            f"q={quantile}",
+            label,
             (statistics.mean(reductions), statistics.mean(accuracies)),
             fontsize=8,
             xytext=(4, 4),
@@ -199,18 +223,17 @@ def write_table(points: list[dict], teacher_accuracy: float, control_accuracy: f
         "",
         "![accuracy vs parameters](frontier.png)",
         "",
-        "| quantile | seeds | params removed | test acc (mean) | Δ vs teacher | Δ vs control | val acc (mean) "
+        "| setting | seeds | params removed | test acc (mean) | Δ vs teacher | Δ vs control | val acc (mean) "
         "| speedup b1 | speedup b32 | dense-eq. ratio b1 | dense-eq. ratio b32 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for quantile in sorted({point["quantile"] for point in points}):
-        rows = [point for point in points if point["quantile"] == quantile]
+    for label, rows in settings(points):
 
         def mean(key, rows=rows):
             return statistics.mean(row[key] for row in rows)
 
         lines.append(
-            f"| {quantile} | {len(rows)} | {100 * mean('param_reduction'):.1f}% | {100 * mean('test_accuracy'):.2f}% "
+            f"| {label} | {len(rows)} | {100 * mean('param_reduction'):.1f}% | {100 * mean('test_accuracy'):.2f}% "
             f"| {100 * (mean('test_accuracy') - teacher_accuracy):+.2f} pt "
             f"| {100 * (mean('test_accuracy') - control_accuracy):+.2f} pt | {100 * mean('validation_accuracy'):.2f}% "
             f"| {mean('speedup_b1'):.2f}× | {mean('speedup_b32'):.2f}× | {mean('dense_equivalent_ratio_b1'):.3f} "
@@ -220,28 +243,30 @@ def write_table(points: list[dict], teacher_accuracy: float, control_accuracy: f
         "",
         "Per seed:",
         "",
-        "| quantile | seed | params removed | test acc | val acc | speedup b1 | speedup b32 |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | σ² quantile | seed | params removed | test acc | val acc | speedup b1 | speedup b32 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for point in points:
         lines.append(
-            f"| {point['quantile']} | {point['seed']} | {100 * point['param_reduction']:.2f}% "
+            f"| {setting(point)} | {point['quantile']:.4g} | {point['seed']} | {100 * point['param_reduction']:.2f}% "
             f"| {100 * point['test_accuracy']:.2f}% | {100 * point['validation_accuracy']:.2f}% "
             f"| {point['speedup_b1']:.2f}× | {point['speedup_b32']:.2f}× |"
         )
     lines += [
         "",
-        "Every run in `frontier_points.jsonl` (the recipe was chosen on validation accuracy at q = 0.5; the test",
-        "column was never used to choose):",
+        "Every run in `frontier_points.jsonl` (the recipe was chosen on validation accuracy; the test column was never",
+        "used to choose). Head sizes: per-head sizes rounded `up` to a multiple of 8 (before 2026-11-23, session 4) or",
+        "to the `nearest` multiple of 8 (the current rule):",
         "",
-        "| kind | quantile | seed | steps | hidden β | lr | α | T | head sizes | params removed | val acc | test acc "
-        "| command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kind | quantile | target | seed | steps | hidden β | lr | α | T | head sizes | params removed | val acc "
+        "| test acc | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in recorded_points():
         recipe = {key: run.get(key, default) for key, default in RECIPE_DEFAULTS.items()}
         lines.append(
-            f"| {run.get('kind', 'point')} | {run['quantile']} | {run['seed']} | {recipe['steps']} "
+            f"| {run.get('kind', 'point')} | {run['quantile']} | {run.get('target_parameter_ratio') or '—'} "
+            f"| {run['seed']} | {recipe['steps']} "
             f"| {recipe['hidden_distillation_weight']} | {recipe['learning_rate']} | {recipe['distillation_alpha']} "
             f"| {recipe['distillation_temperature']} | {recipe['head_size_rule']} "
             f"| {100 * run['param_reduction']:.2f}% | {100 * run['validation_accuracy']:.2f}% "
@@ -261,11 +286,16 @@ def main(argv=None) -> list[dict]:
         for seed in args.seeds:
             if find(recorded_points(), recipe, "point", seed, quantile) is None:
                 run_point(args, ["--quantile", str(quantile), "--seed", str(seed)])
+    for target in args.targets:
+        for seed in args.seeds:
+            if find(recorded_points(), recipe, "point", seed, target=target) is None:
+                run_point(args, ["--target_ratio", str(target), "--seed", str(seed)])
     if args.skip_latency:
         return []
     recorded = recorded_points()
     control = find(recorded, recipe, "control", args.seeds[0]) or control_arm(args)
     points = [find(recorded, recipe, "point", seed, quantile) for quantile in args.quantiles for seed in args.seeds]
+    points += [find(recorded, recipe, "point", seed, target=target) for target in args.targets for seed in args.seeds]
     with open(os.path.join(RESULTS_DIR, "minilm_movie_reviews.json")) as file:
         arms = {row["arm"]: row for row in json.load(file)["rows"]}
     teacher_accuracy = arms["teacher (converged)"]["test_accuracy"]
@@ -278,6 +308,7 @@ def main(argv=None) -> list[dict]:
         frontier.append(
             {
                 "quantile": point["quantile"],
+                "target_parameter_ratio": point.get("target_parameter_ratio"),
                 "seed": point["seed"],
                 "param_reduction": point["param_reduction"],
                 "test_accuracy": point["test_accuracy"],

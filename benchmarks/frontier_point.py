@@ -46,6 +46,13 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="outputs/bench")
     parser.add_argument("--quantile", type=float, default=0.5)
+    parser.add_argument(
+        "--target_ratio",
+        type=float,
+        default=None,
+        help="target_parameter_ratio (fraction of the teacher's parameters kept): the quantile is then chosen by "
+        "bisection, the mildest one that meets it, instead of --quantile",
+    )
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_length", type=int, default=64)
@@ -61,7 +68,8 @@ def point_name(args: argparse.Namespace) -> str:
     if args.control:
         return f"control_s{args.seed}_steps{args.steps}_lr{args.learning_rate}"
     recipe = f"steps{args.steps}_h{args.hidden_weight}_lr{args.learning_rate}_a{args.alpha}_T{args.temperature}"
-    return f"frontier_q{args.quantile}_s{args.seed}_{recipe}_heads-{HEAD_SIZE_RULE}"
+    where = f"t{args.target_ratio}" if args.target_ratio is not None else f"q{args.quantile}"
+    return f"frontier_{where}_s{args.seed}_{recipe}_heads-{HEAD_SIZE_RULE}"
 
 
 def main(argv=None) -> dict:
@@ -87,6 +95,7 @@ def main(argv=None) -> dict:
         output_dir,
         args.seed,
         sigma_quantile=args.quantile,
+        target_parameter_ratio=args.target_ratio,
         stage_max_steps=args.steps,
         max_steps=args.steps,
         hidden_distillation_weight=args.hidden_weight,
@@ -112,9 +121,11 @@ def main(argv=None) -> dict:
 
     validation, test = accuracy("validation"), accuracy("test")
     parameters = parameter_counts(model)["total"]
+    quantile = None if args.control else trainer.compression_history["stages"][-1]["sigma_quantile"]
     point = {
         "kind": "control" if args.control else "point",
-        "quantile": None if args.control else args.quantile,
+        "quantile": quantile,
+        "target_parameter_ratio": args.target_ratio,
         "seed": args.seed,
         "steps": args.steps,
         "hidden_distillation_weight": args.hidden_weight,
