@@ -62,7 +62,8 @@ class RMTKDConfig(TrainingArguments):
             No site is cut below this width.
         reduce_attention_heads (`bool`, defaults to `False`):
             BERT: also choose per-head query/key and value/output sizes by the MP rule, so attention no longer runs
-            at the teacher's width (one size per layer, the same for queries/keys and values).
+            at the teacher's width (one size per layer, the same for queries/keys and values, rounded to the nearest
+            multiple of 8 so that attention stays about as wide as the MP rule keeps it).
         width_multiple (`int`, defaults to `1`):
             Round every kept width up to a multiple of this; 8 makes CPU matrix products markedly faster.
         trim_vocabulary (`bool`, *optional*):
