@@ -52,6 +52,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip_latency", action="store_true", help="only run the missing points")
+    parser.add_argument(
+        "--tables_only",
+        action="store_true",
+        help="rewrite frontier_sweep.md and frontier.png from frontier.json (e.g. after more runs were recorded)",
+    )
     return parser.parse_args(argv)
 
 
@@ -278,6 +283,8 @@ def write_table(points: list[dict], teacher_accuracy: float, control_accuracy: f
 
 def main(argv=None) -> list[dict]:
     args = parse_arguments(argv)
+    if args.tables_only:
+        return rewrite_tables()
     recipe = recipe_of(args)
     for seed in args.seeds[:1]:  # one control run: the teacher is the same for every seed
         if find(recorded_points(), recipe, "control", seed) is None and control_arm(args) is None:
@@ -328,11 +335,17 @@ def main(argv=None) -> list[dict]:
         )
     with open(os.path.join(RESULTS_DIR, "frontier.json"), "w") as file:
         json.dump(frontier, file, indent=2)
-    command = shlex.join(["python", "benchmarks/frontier.py", *(argv or sys.argv[1:])])
-    write_table(
-        frontier, teacher_accuracy, control["test_accuracy"], command, os.path.join(RESULTS_DIR, "frontier_sweep.md")
-    )
-    write_plot(frontier, teacher_accuracy, control["test_accuracy"], os.path.join(RESULTS_DIR, "frontier.png"))
+    return rewrite_tables()
+
+
+def rewrite_tables() -> list[dict]:
+    """``frontier_sweep.md`` and ``frontier.png`` from ``frontier.json`` and every run recorded so far."""
+    with open(os.path.join(RESULTS_DIR, "frontier.json")) as file:
+        frontier = json.load(file)
+    teacher_accuracy, control_accuracy = frontier[0]["teacher_test_accuracy"], frontier[0]["control_test_accuracy"]
+    command = frontier[0]["latency_command"]
+    write_table(frontier, teacher_accuracy, control_accuracy, command, os.path.join(RESULTS_DIR, "frontier_sweep.md"))
+    write_plot(frontier, teacher_accuracy, control_accuracy, os.path.join(RESULTS_DIR, "frontier.png"))
     print(open(os.path.join(RESULTS_DIR, "frontier_sweep.md")).read())
     return frontier
 
