@@ -77,7 +77,6 @@ def hidden_state_similarity(
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def text_classification_accuracy(
     model: nn.Module,
     tokenizer,
@@ -103,6 +102,7 @@ def text_classification_accuracy(
     return correct / len(texts)
 
 
+@torch.inference_mode()
 def cpu_latency(
     model: nn.Module,
     batch_size: int = 1,

@@ -39,3 +39,12 @@ def test_cpu_latency_times_a_forward_pass():
     latency = cpu_latency(model, batch_size=2, sequence_length=16, repeats=3, warmup=1)
     assert 0 < latency < 5
     assert not model.training  # measured in eval mode
+
+
+def test_cpu_latency_runs_without_autograd():
+    """Timed passes must not build autograd graphs: that overhead would skew the ratios of small models."""
+    model = BertModel(tiny_bert_config())
+    modes = []
+    model.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    cpu_latency(model, batch_size=1, sequence_length=8, repeats=2, warmup=1)
+    assert modes == [True] * 3
