@@ -5,8 +5,9 @@ does not depend on them), against the dense BERT of the same mean widths, all al
     python benchmarks/head_size_latency.py \\
         outputs/bench/frontier_q0.35_s0_steps600_h1.0_lr0.0001_a0.7 --head_sizes 20 16
 
-Writes ``benchmarks/results/head_size_latency.json``. Used to explain the q = 0.35 frontier point's dense ratio:
-its heads are rounded up to 24 (12 x 24 = 288 attention dimensions on a 224-wide residual).
+Writes ``benchmarks/results/<--output>`` (default ``head_size_latency.json``). Used to explain the q = 0.35
+frontier point's dense ratio under the old rounding-up rule: its heads were rounded up to 24 (12 x 24 = 288
+attention dimensions on a 224-wide residual).
 """
 
 from __future__ import annotations
