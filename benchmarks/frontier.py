@@ -49,6 +49,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--alpha", type=float, default=0.7, help="distillation_alpha")
     parser.add_argument("--temperature", type=float, default=1.0, help="distillation_temperature")
+    parser.add_argument(
+        "--keep_best_every", type=int, default=0, help="end each run on its best validation checkpoint (every N steps)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip_latency", action="store_true", help="only run the missing points")
@@ -68,6 +71,7 @@ def recipe_of(args) -> dict:
         "distillation_alpha": args.alpha,
         "distillation_temperature": args.temperature,
         "head_size_rule": HEAD_SIZE_RULE,
+        "keep_best_every": args.keep_best_every,
     }
 
 
@@ -84,7 +88,8 @@ def find(
     """The latest recorded run of this recipe (at ``quantile``, or at parameter ``target``) whose checkpoint is still
     on disk."""
     for point in reversed(points):
-        keys = ("steps", "learning_rate") if kind == "control" else RECIPE_DEFAULTS  # the control distils nothing
+        # the control distils nothing
+        keys = ("steps", "learning_rate", "keep_best_every") if kind == "control" else RECIPE_DEFAULTS
         same_recipe = all(point.get(key, RECIPE_DEFAULTS[key]) == recipe[key] for key in keys)
         if (
             same_recipe
@@ -106,12 +111,13 @@ RECIPE_DEFAULTS = {
     "distillation_alpha": 0.7,
     "distillation_temperature": 1.0,
     "head_size_rule": "up",
+    "keep_best_every": 0,
 }
 
 
 def control_arm(args) -> dict | None:
     """The control arm of ``minilm_movie_reviews.py`` (the same 600 steps at lr 1e-4, seed 0), when it matches."""
-    if (args.steps, args.learning_rate, args.seeds[0]) != (600, 1e-4, 0):
+    if (args.steps, args.learning_rate, args.seeds[0], args.keep_best_every) != (600, 1e-4, 0, 0):
         return None
     with open(os.path.join(RESULTS_DIR, "minilm_movie_reviews.json")) as file:
         arms = {row["arm"]: row for row in json.load(file)["rows"]}
@@ -134,6 +140,8 @@ def run_point(args, extra: list[str]) -> None:
         str(args.alpha),
         "--temperature",
         str(args.temperature),
+        "--keep_best_every",
+        str(args.keep_best_every),
         *extra,
     ]
     print("+", shlex.join(command), flush=True)
@@ -263,9 +271,9 @@ def write_table(points: list[dict], teacher_accuracy: float, control_accuracy: f
         "used to choose). Head sizes: per-head sizes rounded `up` to a multiple of 8 (before 2026-11-23, session 4) or",
         "to the `nearest` multiple of 8 (the current rule):",
         "",
-        "| kind | quantile | target | seed | steps | hidden β | lr | α | T | head sizes | params removed | val acc "
-        "| test acc | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kind | quantile | target | seed | steps | hidden β | lr | α | T | head sizes | weights kept "
+        "| params removed | val acc | test acc | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in recorded_points():
         recipe = {key: run.get(key, default) for key, default in RECIPE_DEFAULTS.items()}
@@ -273,12 +281,18 @@ def write_table(points: list[dict], teacher_accuracy: float, control_accuracy: f
             f"| {run.get('kind', 'point')} | {run['quantile']} | {run.get('target_parameter_ratio') or '—'} "
             f"| {run['seed']} | {recipe['steps']} "
             f"| {recipe['hidden_distillation_weight']} | {recipe['learning_rate']} | {recipe['distillation_alpha']} "
-            f"| {recipe['distillation_temperature']} | {recipe['head_size_rule']} "
+            f"| {recipe['distillation_temperature']} | {recipe['head_size_rule']} | {weights_kept(run)} "
             f"| {100 * run['param_reduction']:.2f}% | {100 * run['validation_accuracy']:.2f}% "
             f"| {100 * run['test_accuracy']:.2f}% | `{run['command']}` |"
         )
     with open(path, "w") as file:
         file.write("\n".join(lines) + "\n")
+
+
+def weights_kept(run: dict) -> str:
+    """Which weights a run ended on: the last step's, or the best validation checkpoint's."""
+    every = run.get("keep_best_every", 0)
+    return "last step" if not every else f"best of every {every}: step {run['kept_step']}"
 
 
 def main(argv=None) -> list[dict]:

@@ -13,6 +13,7 @@ and data, without compression or distillation.
     python benchmarks/minilm_movie_reviews.py --steps 600 --work_dir outputs/bench   # once: the converged teacher
     python benchmarks/frontier_point.py --quantile 0.5 --steps 600 --seed 0 --work_dir outputs/bench
     python benchmarks/frontier_point.py --control --steps 600 --seed 0 --work_dir outputs/bench
+    python benchmarks/frontier_point.py --target_ratio 0.34 --keep_best_every 100 --seed 0   # best on validation
 
 Appends one JSON line per run to ``benchmarks/results/frontier_points.jsonl``. The validation split gates
 nothing here (``max_metric_drop=1``) and the test split is read once, at the end.
@@ -60,16 +61,37 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--alpha", type=float, default=0.7, help="distillation_alpha (task-loss weight)")
     parser.add_argument("--temperature", type=float, default=1.0, help="distillation_temperature")
+    parser.add_argument(
+        "--keep_best_every",
+        type=int,
+        default=0,
+        help="evaluate on validation every N steps and end on the best weights (load_best_model_at_end); 0: off",
+    )
     parser.add_argument("--control", action="store_true", help="the compute-matched control instead of a point")
     return parser.parse_args(argv)
 
 
 def point_name(args: argparse.Namespace) -> str:
+    best = f"_best{args.keep_best_every}" if args.keep_best_every else ""
     if args.control:
-        return f"control_s{args.seed}_steps{args.steps}_lr{args.learning_rate}"
+        return f"control_s{args.seed}_steps{args.steps}_lr{args.learning_rate}{best}"
     recipe = f"steps{args.steps}_h{args.hidden_weight}_lr{args.learning_rate}_a{args.alpha}_T{args.temperature}"
     where = f"t{args.target_ratio}" if args.target_ratio is not None else f"q{args.quantile}"
-    return f"frontier_{where}_s{args.seed}_{recipe}_heads-{HEAD_SIZE_RULE}"
+    return f"frontier_{where}_s{args.seed}_{recipe}_heads-{HEAD_SIZE_RULE}{best}"
+
+
+def keep_best_fields(every: int) -> dict:
+    """RMTKDConfig fields that evaluate on validation every ``every`` steps and end on the best weights."""
+    if not every:
+        return {}
+    return dict(
+        eval_strategy="steps",
+        eval_steps=every,
+        save_strategy="steps",  # TrainingArguments asks for it; compress() keeps the best weights in memory
+        save_steps=every,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+    )
 
 
 def main(argv=None) -> dict:
@@ -106,10 +128,11 @@ def main(argv=None) -> dict:
         reduce_attention_heads=True,
         width_multiple=8,
         measure_latency=False,
+        **keep_best_fields(args.keep_best_every),
     )
     if args.control:
         trainer.train()
-        trainer.save_model(output_dir)
+        trainer.save_model(output_dir)  # with --keep_best_every, the best evaluated checkpoint
     else:
         trainer.compress()
     model = AutoModelForSequenceClassification.from_pretrained(output_dir)
@@ -133,6 +156,8 @@ def main(argv=None) -> dict:
         "distillation_alpha": args.alpha,
         "distillation_temperature": args.temperature,
         "head_size_rule": HEAD_SIZE_RULE,
+        "keep_best_every": args.keep_best_every,
+        "kept_step": kept_step(trainer, args),
         "vocabulary": len(saved_tokenizer),
         "parameters": parameters,
         "param_reduction": 1 - parameters / teacher_parameters,
@@ -147,6 +172,15 @@ def main(argv=None) -> dict:
         file.write(json.dumps(point) + "\n")
     print(json.dumps(point, indent=2))
     return point
+
+
+def kept_step(trainer, args: argparse.Namespace) -> int | None:
+    """The step whose weights were kept (``None`` without ``--keep_best_every``)."""
+    if not args.keep_best_every:
+        return None
+    if args.control:
+        return int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
+    return trainer.compression_history["stages"][-1]["kept_step"]
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ logger = logging.get_logger(__name__)
 class RMTKDConfig(TrainingArguments):
     r"""
     Configuration of [`RMTKDTrainer`]. Every `TrainingArguments` field keeps its meaning; the optimiser settings
-    (learning rate, batch size, ...) are used by each distillation stage.
+    (learning rate, batch size, ...) are used by each distillation stage. With `eval_strategy` set and
+    `load_best_model_at_end=True`, each stage is evaluated on the way and ends on its best-scoring weights
+    (`metric_for_best_model`), kept in memory: inside `compress()` only whole stages are checkpointed.
 
     Args:
         calibration_fraction (`float`, defaults to `0.1`):

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, enable_full_determinism, set_seed
+from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import SaveStrategy
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.utils import logging
 
 from .calibration import collect_covariances
@@ -64,6 +64,8 @@ RESUME_INVARIANTS = (
     "factorize_word_embeddings",
     "hidden_distillation_weight",
     "trim_vocabulary",
+    "load_best_model_at_end",
+    "metric_for_best_model",
 )
 
 
@@ -385,10 +387,12 @@ class RMTKDTrainer(Trainer):
                 "run started from, or start a new run in a fresh output_dir."
             )
         settings = self._settings()
+        # a key missing from an older history had its default then
+        recorded = {key: history["config"].get(key, RMTKDConfig.__dataclass_fields__[key].default) for key in settings}
         changed = [
-            f"{key}: {history['config'].get(key)!r} -> {settings[key]!r}"
+            f"{key}: {recorded[key]!r} -> {settings[key]!r}"
             for key in RESUME_INVARIANTS
-            if history["config"].get(key) != settings[key]
+            if recorded[key] != settings[key]
         ]
         if changed:
             raise ValueError(
@@ -548,11 +552,13 @@ class RMTKDTrainer(Trainer):
                 basis.to(device=args.device, dtype=torch.float32)
                 for basis in surgery.hidden_state_bases(previous, analyses)
             ]
-        self._distil(candidate, previous)
+        kept_step = self._distil(candidate, previous)
         self._hidden_state_bases = None
         metric = self._validation_metric()
         floor = history["teacher"][f"eval_{args.compression_metric}"] - args.max_metric_drop
         record.update(num_parameters=count_parameters(candidate), **{f"eval_{args.compression_metric}": metric})
+        if kept_step is not None:
+            record["kept_step"] = kept_step
         record["parameter_ratio"] = record["num_parameters"] / history["teacher"]["num_parameters"]
         if args.target_latency_ratio is not None:
             record["latency_ratio"] = self._latency(candidate) / history["teacher"]["cpu_latency_seconds"]
@@ -623,21 +629,34 @@ class RMTKDTrainer(Trainer):
         current = count_parameters(model)
         return current - (current - target) / max(remaining_stages, 1)
 
-    def _distil(self, candidate: nn.Module, previous: nn.Module) -> None:
-        """Fine-tune ``candidate`` for ``stage_max_steps`` with distillation from the frozen ``previous``."""
+    def _distil(self, candidate: nn.Module, previous: nn.Module) -> int | None:
+        """Fine-tune ``candidate`` for ``stage_max_steps`` with distillation from the frozen ``previous``.
+
+        With ``load_best_model_at_end`` and an ``eval_strategy``, the stage ends on the weights that scored best at
+        its evaluations; returns that step (``None`` otherwise)."""
         self.teacher_model = previous.eval().requires_grad_(False)
         self.model = self.model_wrapped = candidate
         if self.args.stage_max_steps == 0:
-            return
+            return None
         self.optimizer, self.lr_scheduler = None, None
         # stage checkpoints replace the Trainer's own: a mid-stage one could not be resumed into another width
         full_max_steps, self.args.max_steps = self.args.max_steps, self.args.stage_max_steps
         save_strategy, self.args.save_strategy = self.args.save_strategy, SaveStrategy.NO
+        keep_best = None
+        if self.args.load_best_model_at_end and self.args.eval_strategy != IntervalStrategy.NO:
+            keep_best = BestStageWeights(candidate, self.args.metric_for_best_model, self.args.greater_is_better)
+            self.add_callback(keep_best)
         try:
             self.train()
         finally:
             self.args.max_steps, self.args.save_strategy = full_max_steps, save_strategy
             self.teacher_model.requires_grad_(True)
+            if keep_best is not None:
+                self.remove_callback(keep_best)
+        if keep_best is None:
+            return None
+        keep_best.restore()
+        return keep_best.best_step
 
     def _validation_metric(self) -> float:
         key = f"eval_{self.args.compression_metric}"
@@ -727,6 +746,44 @@ class RMTKDTrainer(Trainer):
             language=language,
             tags=tags,
             measurements=measurements,
+        )
+
+
+class BestStageWeights(TrainerCallback):
+    """Keeps, in memory, the weights of ``model`` that scored best at the evaluations of one distillation stage,
+    and puts them back with :meth:`restore`: ``load_best_model_at_end`` for a stage, whose mid-stage states are
+    never written to disk (a stage checkpoint is written only once the stage is over)."""
+
+    def __init__(self, model: nn.Module, metric_name: str, greater_is_better: bool):
+        self.model = model
+        self.metric_key = metric_name if metric_name.startswith("eval_") else f"eval_{metric_name}"
+        self.greater_is_better = greater_is_better
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or self.metric_key not in metrics:
+            raise ValueError(
+                f"load_best_model_at_end: evaluate() returned no {self.metric_key!r} (got {sorted(metrics or {})}); "
+                "set metric_for_best_model to one of its keys."
+            )
+        value = float(metrics[self.metric_key])
+        improved = self.best_metric is None or (
+            value > self.best_metric if self.greater_is_better else value < self.best_metric
+        )
+        if improved:
+            self.best_metric, self.best_step = value, state.global_step
+            self._best_state = {
+                name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()
+            }
+
+    def restore(self) -> None:
+        if self._best_state is None:
+            return
+        self.model.load_state_dict(self._best_state)
+        logger.info(
+            "Kept the stage's weights of step %d (%s = %.4f).", self.best_step, self.metric_key, self.best_metric
         )
 
 

@@ -4,7 +4,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, default_data_collator
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertForSequenceClassification,
+    TrainerCallback,
+    default_data_collator,
+)
 
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer, compress_model
 from rmt_kd_hf.surgery.bert import BertSurgery
@@ -246,3 +251,45 @@ def test_hidden_state_distillation_is_refused_for_resnets_and_off_by_default_the
         )
     default = RMTKDTrainer(model=tiny_resnet(), args=RMTKDConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
     assert default.hidden_distillation_weight == 0.0  # the default turns it on only where it exists
+
+
+class _WeightsAtEvaluation(TrainerCallback):
+    def __init__(self):
+        self.states = []  # (global step, weights) per evaluation
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.states.append((state.global_step, {name: tensor.clone() for name, tensor in model.state_dict().items()}))
+
+
+def test_load_best_model_at_end_keeps_each_stages_best_weights(tmp_path):
+    scores = iter([0.9, 0.3, 0.8, 0.4, 0.8])  # teacher, steps 2 / 4 / 6 of the stage, then the stage's final check
+
+    def scripted_metric(_):
+        return {"accuracy": next(scores)}
+
+    snapshots = _WeightsAtEvaluation()
+    best_fields = dict(eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2)
+    trainer = make_trainer(
+        tmp_path,
+        compute_metrics=scripted_metric,
+        callbacks=[snapshots],
+        stage_max_steps=6,
+        max_metric_drop=1.0,
+        measure_latency=False,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        **best_fields,
+    )
+    model = trainer.compress()
+    stage = trainer.compression_history["stages"][0]
+    assert stage["kept_step"] == 4 and stage["eval_accuracy"] == 0.8
+    assert [step for step, _ in snapshots.states] == [0, 2, 4, 6, 6]
+    final = model.state_dict()
+    assert all(torch.equal(final[name], tensor) for name, tensor in snapshots.states[2][1].items())  # step 4
+    assert not all(torch.equal(final[name], tensor) for name, tensor in snapshots.states[3][1].items())  # step 6
+    assert not os.path.exists(os.path.join(trainer.args.output_dir, "checkpoint-2"))  # nothing saved mid-stage
+    assert not any(type(callback).__name__ == "BestStageWeights" for callback in trainer.callback_handler.callbacks)
+
+    without = make_trainer(tmp_path / "last", stage_max_steps=6, max_metric_drop=1.0, measure_latency=False)
+    without.compress()
+    assert "kept_step" not in without.compression_history["stages"][0]

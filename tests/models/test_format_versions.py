@@ -79,3 +79,24 @@ def test_fused_projection_without_autograd_follows_weight_updates(batches):
             changed = model(**inputs).logits.detach()
         assert not torch.allclose(changed, expected)
         torch.testing.assert_close(model(**inputs).logits, changed, atol=1e-6, rtol=0)
+
+
+def test_fused_projection_follows_a_fused_optimiser_between_evaluations(batches):
+    """Fused AdamW (Trainer's default) updates weights without bumping ``_version``; evaluating between training
+    steps, as ``eval_strategy="steps"`` does, must still see the new weights."""
+    torch.manual_seed(2)
+    model = compress_model(BertForSequenceClassification(tiny_bert_config()).eval(), batches, progress=False)[0]
+    inputs = {"input_ids": batches[0]["input_ids"], "attention_mask": batches[0]["attention_mask"]}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    with torch.no_grad():
+        before = model.eval()(**inputs).logits  # builds the fused cache
+    model.train()
+    model(**inputs, labels=batches[0]["labels"]).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(**inputs).logits
+    with torch.enable_grad():
+        unfused = model(**inputs).logits.detach()
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, unfused, atol=1e-6, rtol=0)

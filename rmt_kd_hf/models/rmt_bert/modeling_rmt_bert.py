@@ -123,13 +123,20 @@ class RMTBertSelfAttention(nn.Module):
         batch_size, seq_length = states.shape[:2]
         return states.view(batch_size, seq_length, self.num_attention_heads, head_size).transpose(1, 2)
 
+    def train(self, mode: bool = True):
+        # fused optimisers (AdamW's default on CPU and GPU) update weights without bumping ``_version``: drop the
+        # cache whenever the mode changes, as Trainer does around every training step and evaluation
+        self._fused_projection = None
+        return super().train(mode)
+
     def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys, values (batch, seq, heads · size). Without autograd or hooks on the projections, one GEMM
-        on the concatenated weights, cached until a weight changes (in-place updates bump ``_version``; moves change
-        ``data_ptr``)."""
+        """Queries, keys, values (batch, seq, heads · size). In eval mode without autograd or hooks on the
+        projections, one GEMM on the concatenated weights, cached until a weight changes: in-place edits bump
+        ``_version``, moves change ``data_ptr``, and ``train()``/``eval()`` drop the cache (a fused optimiser step
+        changes neither)."""
         layers = (self.query, self.key, self.value)
         hooked = any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
-        if torch.is_grad_enabled() or hooked:  # calibration hooks read each projection's output
+        if torch.is_grad_enabled() or hooked or self.training:  # calibration hooks read each projection's output
             return tuple(layer(hidden_states) for layer in layers)
         parameters = [tensor for layer in layers for tensor in (layer.weight, layer.bias)]
         stamp = tuple((tensor.data_ptr(), tensor._version, tensor.dtype) for tensor in parameters)
