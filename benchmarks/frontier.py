@@ -9,6 +9,7 @@ Points (``frontier_point.py``) already in ``results/frontier_points.jsonl`` with
 an interrupted sweep continues where it stopped. Latency is measured in this process at the end, every model
 alternating round by round (``--threads`` torch threads, sequence length 128): run it with nothing else on the
 machine. Decisions (the recipe) were taken on the validation split; test accuracy is reported, never tuned on.
+``--keep_best_every`` and ``--schedule per_layer`` sweep those recipes (``frontier_point.py`` says what they do).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--keep_best_every", type=int, default=0, help="end each run on its best validation checkpoint (every N steps)"
     )
+    parser.add_argument("--schedule", choices=["one_shot", "per_layer"], default="one_shot")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip_latency", action="store_true", help="only run the missing points")
@@ -72,6 +74,7 @@ def recipe_of(args) -> dict:
         "distillation_temperature": args.temperature,
         "head_size_rule": HEAD_SIZE_RULE,
         "keep_best_every": args.keep_best_every,
+        "compression_schedule": args.schedule,
     }
 
 
@@ -112,6 +115,7 @@ RECIPE_DEFAULTS = {
     "distillation_temperature": 1.0,
     "head_size_rule": "up",
     "keep_best_every": 0,
+    "compression_schedule": "one_shot",
 }
 
 
@@ -142,6 +146,8 @@ def run_point(args, extra: list[str]) -> None:
         str(args.temperature),
         "--keep_best_every",
         str(args.keep_best_every),
+        "--schedule",
+        args.schedule,
         *extra,
     ]
     print("+", shlex.join(command), flush=True)
@@ -269,24 +275,31 @@ def write_table(points: list[dict], teacher_accuracy: float, control_accuracy: f
         "",
         "Every run in `frontier_points.jsonl` (the recipe was chosen on validation accuracy; the test column was never",
         "used to choose). Head sizes: per-head sizes rounded `up` to a multiple of 8 (before 2026-11-23, session 4) or",
-        "to the `nearest` multiple of 8 (the current rule):",
+        "to the `nearest` multiple of 8 (the current rule). Runs that keep their best checkpoint choose it on the",
+        "validation split's first 956 rows, so runs are compared on the other 957 (val holdout; — where the",
+        "checkpoint was no longer on disk to score):",
         "",
-        "| kind | quantile | target | seed | steps | hidden β | lr | α | T | head sizes | weights kept "
-        "| params removed | val acc | test acc | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kind | quantile | target | seed | schedule | steps | hidden β | lr | α | T | head sizes | weights kept "
+        "| params removed | val acc | val holdout | test acc | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in recorded_points():
         recipe = {key: run.get(key, default) for key, default in RECIPE_DEFAULTS.items()}
         lines.append(
             f"| {run.get('kind', 'point')} | {run['quantile']} | {run.get('target_parameter_ratio') or '—'} "
-            f"| {run['seed']} | {recipe['steps']} "
+            f"| {run['seed']} | {recipe['compression_schedule']} | {recipe['steps']} "
             f"| {recipe['hidden_distillation_weight']} | {recipe['learning_rate']} | {recipe['distillation_alpha']} "
             f"| {recipe['distillation_temperature']} | {recipe['head_size_rule']} | {weights_kept(run)} "
             f"| {100 * run['param_reduction']:.2f}% | {100 * run['validation_accuracy']:.2f}% "
-            f"| {100 * run['test_accuracy']:.2f}% | `{run['command']}` |"
+            f"| {percent(run.get('validation_holdout_accuracy'))} | {100 * run['test_accuracy']:.2f}% "
+            f"| `{run['command']}` |"
         )
     with open(path, "w") as file:
         file.write("\n".join(lines) + "\n")
+
+
+def percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
 
 
 def weights_kept(run: dict) -> str:

@@ -16,7 +16,9 @@ and data, without compression or distillation.
     python benchmarks/frontier_point.py --target_ratio 0.34 --keep_best_every 100 --seed 0   # best on validation
 
 Appends one JSON line per run to ``benchmarks/results/frontier_points.jsonl``. The validation split gates
-nothing here (``max_metric_drop=1``) and the test split is read once, at the end.
+nothing here (``max_metric_drop=1``) and the test split is read once, at the end. With ``--keep_best_every`` the
+checkpoints are chosen on the validation split's first 956 rows, so runs are compared on the other 957
+(``validation_holdout_accuracy``, recorded for every run).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from minilm_movie_reviews import trainer_for  # noqa: E402
 # Recorded with every point: lines written before per-head sizes were rounded to the nearest multiple of 8 had them
 # rounded up ("up"), which is a different layout.
 HEAD_SIZE_RULE = "nearest"
+# --keep_best_every picks checkpoints on the validation rows before this one; the rows from it on are then the only
+# unbiased validation score, so every run records its accuracy there too (validation_holdout_accuracy)
+SELECTION_ROWS = 956
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "frontier_points.jsonl")
 
 
@@ -67,12 +72,24 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         default=0,
         help="evaluate on validation every N steps and end on the best weights (load_best_model_at_end); 0: off",
     )
+    parser.add_argument(
+        "--schedule",
+        choices=["one_shot", "per_layer"],
+        default="one_shot",
+        help="compression_schedule; per_layer splits --steps evenly over the stages (embeddings + one per layer)",
+    )
     parser.add_argument("--control", action="store_true", help="the compute-matched control instead of a point")
+    parser.add_argument(
+        "--rescore_holdout",
+        action="store_true",
+        help="only add the validation halves' accuracy to recorded runs that lack it (checkpoints on disk)",
+    )
     return parser.parse_args(argv)
 
 
 def point_name(args: argparse.Namespace) -> str:
     best = f"_best{args.keep_best_every}" if args.keep_best_every else ""
+    best += "_per_layer" if args.schedule == "per_layer" and not args.control else ""
     if args.control:
         return f"control_s{args.seed}_steps{args.steps}_lr{args.learning_rate}{best}"
     recipe = f"steps{args.steps}_h{args.hidden_weight}_lr{args.learning_rate}_a{args.alpha}_T{args.temperature}"
@@ -96,6 +113,8 @@ def keep_best_fields(every: int) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_arguments(argv)
+    if args.rescore_holdout:
+        return rescore_holdout(args.max_length)
     teacher_dir = os.path.join(args.work_dir, "teacher_converged")
     if not os.path.exists(os.path.join(teacher_dir, "config.json")):
         raise SystemExit(f"{teacher_dir} is missing: run benchmarks/minilm_movie_reviews.py first.")
@@ -110,6 +129,8 @@ def main(argv=None) -> dict:
         remove_columns=["sentence"],
     )
     output_dir = os.path.join(args.work_dir, point_name(args))
+    if args.keep_best_every:
+        data = {"train": data["train"], "validation": data["validation"].select(range(SELECTION_ROWS))}
     trainer = trainer_for(
         teacher,
         data,
@@ -118,7 +139,10 @@ def main(argv=None) -> dict:
         args.seed,
         sigma_quantile=args.quantile,
         target_parameter_ratio=args.target_ratio,
-        stage_max_steps=args.steps,
+        compression_schedule=args.schedule,
+        stage_max_steps=args.steps
+        if args.schedule == "one_shot"
+        else args.steps // (teacher.config.num_hidden_layers + 1),
         max_steps=args.steps,
         hidden_distillation_weight=args.hidden_weight,
         learning_rate=args.learning_rate,
@@ -138,11 +162,7 @@ def main(argv=None) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(output_dir)
     saved_tokenizer = AutoTokenizer.from_pretrained(output_dir)
 
-    def accuracy(split: str) -> float:
-        rows = reviews[split]
-        return text_classification_accuracy(model, saved_tokenizer, rows["sentence"], rows["label"], args.max_length)
-
-    validation, test = accuracy("validation"), accuracy("test")
+    validation = split_accuracies(model, saved_tokenizer, reviews, args.max_length)
     parameters = parameter_counts(model)["total"]
     quantile = None if args.control else trainer.compression_history["stages"][-1]["sigma_quantile"]
     point = {
@@ -157,12 +177,15 @@ def main(argv=None) -> dict:
         "distillation_temperature": args.temperature,
         "head_size_rule": HEAD_SIZE_RULE,
         "keep_best_every": args.keep_best_every,
+        "compression_schedule": args.schedule,
+        "stage_quantiles": None
+        if args.control
+        else [stage["sigma_quantile"] for stage in trainer.compression_history["stages"]],
         "kept_step": kept_step(trainer, args),
         "vocabulary": len(saved_tokenizer),
         "parameters": parameters,
         "param_reduction": 1 - parameters / teacher_parameters,
-        "validation_accuracy": validation,
-        "test_accuracy": test,
+        **validation,
         "checkpoint": output_dir,
         "widths": None if args.control else trainer.compression_history["final"]["widths"],
         "seconds": time.perf_counter() - start,
@@ -174,13 +197,50 @@ def main(argv=None) -> dict:
     return point
 
 
+def split_accuracies(model, tokenizer, reviews, max_length: int) -> dict[str, float]:
+    """Accuracy on the validation split, on its two halves (checkpoint selection / holdout) and on test."""
+
+    def accuracy(rows) -> float:
+        return text_classification_accuracy(model, tokenizer, rows["sentence"], rows["label"], max_length)
+
+    validation = reviews["validation"]
+    selection_rows, holdout_rows = range(SELECTION_ROWS), range(SELECTION_ROWS, len(validation))
+    selection, holdout = accuracy(validation.select(selection_rows)), accuracy(validation.select(holdout_rows))
+    return {
+        "validation_accuracy": (selection * len(selection_rows) + holdout * len(holdout_rows)) / len(validation),
+        "validation_selection_accuracy": selection,
+        "validation_holdout_accuracy": holdout,
+        "test_accuracy": accuracy(reviews["test"]),
+    }
+
+
+def rescore_holdout(max_length: int = 64) -> None:
+    """Add the two validation halves to recorded runs that lack them and whose checkpoint is still on disk."""
+    with open(RESULTS) as file:
+        runs = [json.loads(line) for line in file if line.strip()]
+    reviews = load_movie_reviews(seed=0)
+    for run in runs:
+        checkpoint = run.get("checkpoint", "")
+        if "validation_holdout_accuracy" in run or not os.path.exists(os.path.join(checkpoint, "config.json")):
+            continue
+        model = AutoModelForSequenceClassification.from_pretrained(checkpoint)
+        scores = split_accuracies(model, AutoTokenizer.from_pretrained(checkpoint), reviews, max_length)
+        if abs(scores["test_accuracy"] - run["test_accuracy"]) > 1e-9:
+            raise SystemExit(f"{checkpoint} no longer scores its recorded test accuracy: it was overwritten.")
+        run.update(scores)
+        print(checkpoint, {key: round(value, 4) for key, value in scores.items()}, flush=True)
+    with open(RESULTS + ".tmp", "w") as file:
+        file.writelines(json.dumps(run) + "\n" for run in runs)
+    os.replace(RESULTS + ".tmp", RESULTS)
+
+
 def kept_step(trainer, args: argparse.Namespace) -> int | None:
     """The step whose weights were kept (``None`` without ``--keep_best_every``)."""
     if not args.keep_best_every:
         return None
     if args.control:
         return int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
-    return trainer.compression_history["stages"][-1]["kept_step"]
+    return [stage.get("kept_step") for stage in trainer.compression_history["stages"]][-1]
 
 
 if __name__ == "__main__":

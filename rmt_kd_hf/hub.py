@@ -146,6 +146,7 @@ def _stage_views(history: Mapping) -> list[dict]:
                 "status": stage["status"],
                 "sigma_quantile": _number(stage["sigma_quantile"]),
                 "seconds": None if seconds is None else f"{seconds:.1f}",
+                "kept_step": stage.get("kept_step"),
                 "sites": sites,
             }
         )

@@ -288,6 +288,9 @@ def test_load_best_model_at_end_keeps_each_stages_best_weights(tmp_path):
     assert all(torch.equal(final[name], tensor) for name, tensor in snapshots.states[2][1].items())  # step 4
     assert not all(torch.equal(final[name], tensor) for name, tensor in snapshots.states[3][1].items())  # step 6
     assert not os.path.exists(os.path.join(trainer.args.output_dir, "checkpoint-2"))  # nothing saved mid-stage
+    trainer.create_model_card(model_name="tiny-best-of-stage")
+    with open(os.path.join(trainer.args.output_dir, "README.md")) as card:
+        assert "Distilled weights kept from step 4, the best on the validation set" in card.read()
     assert not any(type(callback).__name__ == "BestStageWeights" for callback in trainer.callback_handler.callbacks)
 
     without = make_trainer(tmp_path / "last", stage_max_steps=6, max_metric_drop=1.0, measure_latency=False)
