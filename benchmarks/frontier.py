@@ -54,6 +54,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         "--keep_best_every", type=int, default=0, help="end each run on its best validation checkpoint (every N steps)"
     )
     parser.add_argument("--schedule", choices=["one_shot", "per_layer"], default="one_shot")
+    parser.add_argument("--calibration_fraction", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip_latency", action="store_true", help="only run the missing points")
@@ -81,6 +82,7 @@ def recipe_of(args) -> dict:
         "head_size_rule": HEAD_SIZE_RULE,
         "keep_best_every": args.keep_best_every,
         "compression_schedule": args.schedule,
+        "calibration_fraction": args.calibration_fraction,
     }
 
 
@@ -122,6 +124,7 @@ RECIPE_DEFAULTS = {
     "head_size_rule": "up",
     "keep_best_every": 0,
     "compression_schedule": "one_shot",
+    "calibration_fraction": 0.1,
 }
 
 
@@ -154,6 +157,8 @@ def run_point(args, extra: list[str]) -> None:
         str(args.keep_best_every),
         "--schedule",
         args.schedule,
+        "--calibration_fraction",
+        str(args.calibration_fraction),
         *extra,
     ]
     print("+", shlex.join(command), flush=True)
@@ -328,6 +333,8 @@ def recipe_comparison(runs: list[dict], target: float) -> list[str]:
             f"{recipe['compression_schedule']}, {recipe['steps']} steps, β = {recipe['hidden_distillation_weight']}, "
             f"{weights_kept(run).split(':')[0]}"
         )
+        if recipe["calibration_fraction"] != 0.1:
+            label += f", calibration on {recipe['calibration_fraction']:.0%} of train"
         recipes.setdefault(label, {})[run["seed"]] = run  # the latest run of a recipe and seed
     baseline_label = "one_shot, 600 steps, β = 1.0, last step"
     if baseline_label not in recipes:

@@ -78,6 +78,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         default="one_shot",
         help="compression_schedule; per_layer splits --steps evenly over the stages (embeddings + one per layer)",
     )
+    parser.add_argument(
+        "--calibration_fraction", type=float, default=0.1, help="fraction of the training rows that calibrate"
+    )
     parser.add_argument("--control", action="store_true", help="the compute-matched control instead of a point")
     parser.add_argument(
         "--rescore_holdout",
@@ -90,6 +93,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 def point_name(args: argparse.Namespace) -> str:
     best = f"_best{args.keep_best_every}" if args.keep_best_every else ""
     best += "_per_layer" if args.schedule == "per_layer" and not args.control else ""
+    best += f"_cal{args.calibration_fraction}" if args.calibration_fraction != 0.1 and not args.control else ""
     if args.control:
         return f"control_s{args.seed}_steps{args.steps}_lr{args.learning_rate}{best}"
     recipe = f"steps{args.steps}_h{args.hidden_weight}_lr{args.learning_rate}_a{args.alpha}_T{args.temperature}"
@@ -140,6 +144,7 @@ def main(argv=None) -> dict:
         sigma_quantile=args.quantile,
         target_parameter_ratio=args.target_ratio,
         compression_schedule=args.schedule,
+        calibration_fraction=args.calibration_fraction,
         stage_max_steps=args.steps
         if args.schedule == "one_shot"
         else args.steps // (teacher.config.num_hidden_layers + 1),
@@ -178,6 +183,7 @@ def main(argv=None) -> dict:
         "head_size_rule": HEAD_SIZE_RULE,
         "keep_best_every": args.keep_best_every,
         "compression_schedule": args.schedule,
+        "calibration_fraction": args.calibration_fraction,
         "stage_quantiles": None
         if args.control
         else [stage["sigma_quantile"] for stage in trainer.compression_history["stages"]],
