@@ -25,6 +25,8 @@ import sys
 import torch
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
+from rmt_kd_hf.trainer import model_fingerprint
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dense_equivalent import alternating_latency, dense_equivalent_config  # noqa: E402
 from frontier_point import HEAD_SIZE_RULE  # noqa: E402
@@ -55,6 +57,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--schedule", choices=["one_shot", "per_layer"], default="one_shot")
     parser.add_argument("--calibration_fraction", type=float, default=0.1)
+    parser.add_argument("--quantile_shifts", type=json.loads, default=None, help="e.g. '{\"ffn\": 0.2}'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip_latency", action="store_true", help="only run the missing points")
@@ -83,6 +86,7 @@ def recipe_of(args) -> dict:
         "keep_best_every": args.keep_best_every,
         "compression_schedule": args.schedule,
         "calibration_fraction": args.calibration_fraction,
+        "sigma_quantile_shifts": args.quantile_shifts,
     }
 
 
@@ -94,11 +98,19 @@ def recorded_points() -> list[dict]:
 
 
 def find(
-    points: list[dict], recipe: dict, kind: str, seed: int, quantile: float | None = None, target: float | None = None
+    points: list[dict],
+    recipe: dict,
+    kind: str,
+    seed: int,
+    quantile: float | None = None,
+    target: float | None = None,
+    teacher_fingerprint: str | None = None,
 ) -> dict | None:
-    """The latest recorded run of this recipe (at ``quantile``, or at parameter ``target``) whose checkpoint is still
-    on disk."""
+    """The latest recorded run of this recipe (at ``quantile``, or at parameter ``target``) from this teacher whose
+    checkpoint is still on disk."""
     for point in reversed(points):
+        if point.get("teacher_fingerprint") != teacher_fingerprint:
+            continue
         # the control distils nothing
         keys = ("steps", "learning_rate", "keep_best_every") if kind == "control" else RECIPE_DEFAULTS
         same_recipe = all(point.get(key, RECIPE_DEFAULTS[key]) == recipe[key] for key in keys)
@@ -125,16 +137,8 @@ RECIPE_DEFAULTS = {
     "keep_best_every": 0,
     "compression_schedule": "one_shot",
     "calibration_fraction": 0.1,
+    "sigma_quantile_shifts": None,
 }
-
-
-def control_arm(args) -> dict | None:
-    """The control arm of ``minilm_movie_reviews.py`` (the same 600 steps at lr 1e-4, seed 0), when it matches."""
-    if (args.steps, args.learning_rate, args.seeds[0], args.keep_best_every) != (600, 1e-4, 0, 0):
-        return None
-    with open(os.path.join(RESULTS_DIR, "minilm_movie_reviews.json")) as file:
-        arms = {row["arm"]: row for row in json.load(file)["rows"]}
-    return arms.get("control (+steps, no compression)")
 
 
 def run_point(args, extra: list[str]) -> None:
@@ -159,6 +163,7 @@ def run_point(args, extra: list[str]) -> None:
         args.schedule,
         "--calibration_fraction",
         str(args.calibration_fraction),
+        *(["--quantile_shifts", json.dumps(args.quantile_shifts)] if args.quantile_shifts else []),
         *extra,
     ]
     print("+", shlex.join(command), flush=True)
@@ -290,23 +295,25 @@ def write_table(points: list[dict], teacher_accuracy: float, command: str, path:
             f"| {100 * point['test_accuracy']:.2f}% | {100 * point['validation_accuracy']:.2f}% "
             f"| {point['speedup_b1']:.2f}× | {point['speedup_b32']:.2f}× |"
         )
-    lines += recipe_comparison(recorded_points(), target=0.34)
+    lines += recipe_comparisons(recorded_points(), target=0.34)
     lines += [
         "",
         "Every run in `frontier_points.jsonl` (the recipe was chosen on validation accuracy; the test column was never",
         "used to choose). Head sizes: per-head sizes rounded `up` to a multiple of 8 (before 2026-11-23, session 4) or",
         "to the `nearest` multiple of 8 (the current rule). Runs that keep their best checkpoint choose it on the",
         "validation split's first 956 rows, so runs are compared on the other 957 (val holdout; — where the",
-        "checkpoint was no longer on disk to score):",
+        "checkpoint was no longer on disk to score). Teacher: `first` is the teacher of `minilm_movie_reviews.json`;",
+        "later runs name theirs by the start of its weights' SHA-256 (a fresh `outputs/` trains another one):",
         "",
-        "| kind | quantile | target | seed | schedule | steps | hidden β | lr | α | T | head sizes | weights kept "
-        "| params removed | val acc | val holdout | test acc | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kind | teacher | quantile | target | seed | schedule | steps | hidden β | lr | α | T | head sizes "
+        "| weights kept | params removed | val acc | val holdout | test acc | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in recorded_points():
         recipe = {key: run.get(key, default) for key, default in RECIPE_DEFAULTS.items()}
         lines.append(
-            f"| {run.get('kind', 'point')} | {run['quantile']} | {run.get('target_parameter_ratio') or '—'} "
+            f"| {run.get('kind', 'point')} | {(run.get('teacher_fingerprint') or 'first')[:12]} "
+            f"| {run['quantile']} | {run.get('target_parameter_ratio') or '—'} "
             f"| {run['seed']} | {recipe['compression_schedule']} | {recipe['steps']} "
             f"| {recipe['hidden_distillation_weight']} | {recipe['learning_rate']} | {recipe['distillation_alpha']} "
             f"| {recipe['distillation_temperature']} | {recipe['head_size_rule']} | {weights_kept(run)} "
@@ -318,10 +325,40 @@ def write_table(points: list[dict], teacher_accuracy: float, command: str, path:
         file.write("\n".join(lines) + "\n")
 
 
-def recipe_comparison(runs: list[dict], target: float) -> list[str]:
+def recipe_comparisons(runs: list[dict], target: float) -> list[str]:
+    """``recipe_comparison`` for each teacher the runs started from, the first teacher's first: a run is only
+    paired with runs from the same teacher."""
+    teachers = dict.fromkeys(run.get("teacher_fingerprint") for run in runs)
+    lines = []
+    for fingerprint in teachers:
+        same_teacher = [run for run in runs if run.get("teacher_fingerprint") == fingerprint]
+        table = recipe_comparison(same_teacher, target, explain=not lines)
+        if not table:
+            continue
+        if fingerprint is None:
+            teacher = (
+                f"teacher of `minilm_movie_reviews.json` (validation {percent(FIRST_TEACHER_VALIDATION_ACCURACY)}, "
+                f"test {percent(FIRST_TEACHER_TEST_ACCURACY)})"
+            )
+        else:
+            scores = same_teacher[-1]
+            teacher = (
+                f"teacher `{fingerprint[:12]}` (validation {percent(scores['teacher_validation_accuracy'])}, test "
+                f"{percent(scores['teacher_test_accuracy'])})"
+            )
+        lines += ["", f"### Recipes at the ≥ {1 - target:.0%} target, {teacher}", *table]
+    return lines
+
+
+# runs recorded before runs recorded their teacher all started from the teacher of minilm_movie_reviews.json
+FIRST_TEACHER_VALIDATION_ACCURACY, FIRST_TEACHER_TEST_ACCURACY = 0.8447464715107161, 0.8421327757449033
+
+
+def recipe_comparison(runs: list[dict], target: float, explain: bool = True) -> list[str]:
     """Markdown: every recipe run at parameter ``target`` against the baseline recipe (one-shot, 600 steps, β = 1,
     last step), paired by seed, on the whole validation split and on its two halves; test shown, never used to
-    choose. A recipe that picks its checkpoint on the first half is judged on the second (holdout) only."""
+    choose. A recipe that picks its checkpoint on the first half is judged on the second (holdout) only. ``runs``
+    must share one teacher."""
     recipes: dict[str, dict[int, dict]] = {}
     for run in runs:
         if run.get("kind", "point") != "point" or run.get("target_parameter_ratio") != target:
@@ -335,6 +372,8 @@ def recipe_comparison(runs: list[dict], target: float) -> list[str]:
         )
         if recipe["calibration_fraction"] != 0.1:
             label += f", calibration on {recipe['calibration_fraction']:.0%} of train"
+        for kind, shift in sorted((recipe["sigma_quantile_shifts"] or {}).items()):
+            label += f", {kind} quantile {shift:+g}"
         recipes.setdefault(label, {})[run["seed"]] = run  # the latest run of a recipe and seed
     baseline_label = "one_shot, 600 steps, β = 1.0, last step"
     if baseline_label not in recipes:
@@ -351,13 +390,16 @@ def recipe_comparison(runs: list[dict], target: float) -> list[str]:
     def mean(by_seed: dict[int, dict], key: str) -> str:
         return f"{100 * statistics.mean(run[key] for run in by_seed.values()):.2f}%"
 
-    lines = [
+    explanation = [
         "",
         f"Recipes at the ≥ {1 - target:.0%} target against `{baseline_label}`, paired by seed (± one standard error "
         "over seeds; it leaves out the sampling noise of the validation rows, which all seeds share). The",
         "validation split is also scored in halves: rows 0–955 (where a recipe that keeps its best checkpoint",
         "chooses it, so only the holdout, rows 956–1912, judges such a recipe) and rows 956–1912. Test accuracy is",
         "shown, never used to choose:",
+    ]
+    lines = [
+        *(explanation if explain else []),
         "",
         "| recipe | seeds | val (all 1,913) | Δ val (pt) | val rows 0–955 | val holdout 956–1912 | Δ holdout (pt) "
         "| test acc |",
@@ -389,27 +431,32 @@ def main(argv=None) -> list[dict]:
     if args.tables_only:
         return rewrite_tables()
     recipe = recipe_of(args)
+    teacher_dir = os.path.join(args.work_dir, "teacher_converged")
+    if not os.path.exists(os.path.join(teacher_dir, "config.json")):
+        raise SystemExit(f"{teacher_dir} is missing: run benchmarks/minilm_movie_reviews.py first.")
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    fingerprint = model_fingerprint(teacher)
+
+    def recorded(kind: str, seed: int, quantile: float | None = None, target: float | None = None) -> dict | None:
+        return find(recorded_points(), recipe, kind, seed, quantile, target, teacher_fingerprint=fingerprint)
+
     for seed in args.seeds[:1]:  # one control run: the teacher is the same for every seed
-        if find(recorded_points(), recipe, "control", seed) is None and control_arm(args) is None:
+        if recorded("control", seed) is None:
             run_point(args, ["--control", "--seed", str(seed)])
     for quantile in args.quantiles:
         for seed in args.seeds:
-            if find(recorded_points(), recipe, "point", seed, quantile) is None:
+            if recorded("point", seed, quantile) is None:
                 run_point(args, ["--quantile", str(quantile), "--seed", str(seed)])
     for target in args.targets:
         for seed in args.seeds:
-            if find(recorded_points(), recipe, "point", seed, target=target) is None:
+            if recorded("point", seed, target=target) is None:
                 run_point(args, ["--target_ratio", str(target), "--seed", str(seed)])
     if args.skip_latency:
         return []
-    recorded = recorded_points()
-    control = find(recorded, recipe, "control", args.seeds[0]) or control_arm(args)
-    points = [find(recorded, recipe, "point", seed, quantile) for quantile in args.quantiles for seed in args.seeds]
-    points += [find(recorded, recipe, "point", seed, target=target) for target in args.targets for seed in args.seeds]
-    with open(os.path.join(RESULTS_DIR, "minilm_movie_reviews.json")) as file:
-        arms = {row["arm"]: row for row in json.load(file)["rows"]}
-    teacher_accuracy = arms["teacher (converged)"]["test_accuracy"]
-    teacher = AutoModelForSequenceClassification.from_pretrained(os.path.join(args.work_dir, "teacher_converged"))
+    control = recorded("control", args.seeds[0])
+    points = [recorded("point", seed, quantile) for quantile in args.quantiles for seed in args.seeds]
+    points += [recorded("point", seed, target=target) for target in args.targets for seed in args.seeds]
+    teacher_accuracy = control["teacher_test_accuracy"]
     load_before = os.getloadavg()
     timing = latencies(teacher, [point["checkpoint"] for point in points], args.threads, args.rounds)
     load_after = os.getloadavg()

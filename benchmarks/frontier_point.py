@@ -14,11 +14,14 @@ and data, without compression or distillation.
     python benchmarks/frontier_point.py --quantile 0.5 --steps 600 --seed 0 --work_dir outputs/bench
     python benchmarks/frontier_point.py --control --steps 600 --seed 0 --work_dir outputs/bench
     python benchmarks/frontier_point.py --target_ratio 0.34 --keep_best_every 100 --seed 0   # best on validation
+    python benchmarks/frontier_point.py --target_ratio 0.34 --quantile_shifts '{"ffn": 0.3}' --seed 0   # FFN cut more
 
 Appends one JSON line per run to ``benchmarks/results/frontier_points.jsonl``. The validation split gates
 nothing here (``max_metric_drop=1``) and the test split is read once, at the end. With ``--keep_best_every`` the
 checkpoints are chosen on the validation split's first 956 rows, so runs are compared on the other 957
-(``validation_holdout_accuracy``, recorded for every run).
+(``validation_holdout_accuracy``, recorded for every run). Every run also records its teacher (weights' SHA-256
+and accuracies): retraining the teacher on a fresh ``outputs/`` gives another one, and runs are only compared with
+runs from the same teacher.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import rmt_kd_hf  # noqa: F401  (registers the RMTBert auto classes)
 from rmt_kd_hf.data import default_teacher_path, load_movie_reviews
 from rmt_kd_hf.reports import parameter_counts, text_classification_accuracy
+from rmt_kd_hf.trainer import model_fingerprint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from minilm_movie_reviews import trainer_for  # noqa: E402
@@ -81,6 +85,12 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--calibration_fraction", type=float, default=0.1, help="fraction of the training rows that calibrate"
     )
+    parser.add_argument(
+        "--quantile_shifts",
+        type=json.loads,
+        default=None,
+        help="sigma_quantile_shifts as JSON, e.g. '{\"ffn\": 0.2}' (FFN sites fit at the quantile + 0.2)",
+    )
     parser.add_argument("--control", action="store_true", help="the compute-matched control instead of a point")
     parser.add_argument(
         "--rescore_holdout",
@@ -94,6 +104,8 @@ def point_name(args: argparse.Namespace) -> str:
     best = f"_best{args.keep_best_every}" if args.keep_best_every else ""
     best += "_per_layer" if args.schedule == "per_layer" and not args.control else ""
     best += f"_cal{args.calibration_fraction}" if args.calibration_fraction != 0.1 and not args.control else ""
+    for kind, shift in sorted((args.quantile_shifts or {}).items()):
+        best += f"_shift-{kind}{shift:+g}" if not args.control else ""
     if args.control:
         return f"control_s{args.seed}_steps{args.steps}_lr{args.learning_rate}{best}"
     recipe = f"steps{args.steps}_h{args.hidden_weight}_lr{args.learning_rate}_a{args.alpha}_T{args.temperature}"
@@ -132,6 +144,7 @@ def main(argv=None) -> dict:
         batched=True,
         remove_columns=["sentence"],
     )
+    teacher_scores = teacher_record(teacher_dir, teacher, tokenizer, reviews, args.max_length)
     output_dir = os.path.join(args.work_dir, point_name(args))
     if args.keep_best_every:
         data = {"train": data["train"], "validation": data["validation"].select(range(SELECTION_ROWS))}
@@ -145,6 +158,7 @@ def main(argv=None) -> dict:
         target_parameter_ratio=args.target_ratio,
         compression_schedule=args.schedule,
         calibration_fraction=args.calibration_fraction,
+        sigma_quantile_shifts=args.quantile_shifts,
         stage_max_steps=args.steps
         if args.schedule == "one_shot"
         else args.steps // (teacher.config.num_hidden_layers + 1),
@@ -184,6 +198,7 @@ def main(argv=None) -> dict:
         "keep_best_every": args.keep_best_every,
         "compression_schedule": args.schedule,
         "calibration_fraction": args.calibration_fraction,
+        "sigma_quantile_shifts": args.quantile_shifts,
         "stage_quantiles": None
         if args.control
         else [stage["sigma_quantile"] for stage in trainer.compression_history["stages"]],
@@ -193,6 +208,7 @@ def main(argv=None) -> dict:
         "param_reduction": 1 - parameters / teacher_parameters,
         **validation,
         "checkpoint": output_dir,
+        **teacher_scores,
         "widths": None if args.control else trainer.compression_history["final"]["widths"],
         "seconds": time.perf_counter() - start,
         "command": shlex.join(["python", "benchmarks/frontier_point.py", *(argv or sys.argv[1:])]),
@@ -201,6 +217,27 @@ def main(argv=None) -> dict:
         file.write(json.dumps(point) + "\n")
     print(json.dumps(point, indent=2))
     return point
+
+
+def teacher_record(teacher_dir: str, teacher, tokenizer, reviews, max_length: int) -> dict:
+    """The teacher's fingerprint and accuracies (cached beside it): runs are only compared with runs from the same
+    teacher, since retraining it (a fresh ``outputs/``) gives another one."""
+    fingerprint = model_fingerprint(teacher)
+    cache = os.path.join(teacher_dir, "frontier_teacher_scores.json")
+    if os.path.exists(cache):
+        with open(cache) as file:
+            cached = json.load(file)
+        if cached["teacher_fingerprint"] == fingerprint:
+            return cached
+    scores = split_accuracies(teacher, tokenizer, reviews, max_length)
+    record = {
+        "teacher_fingerprint": fingerprint,
+        "teacher_validation_accuracy": scores["validation_accuracy"],
+        "teacher_test_accuracy": scores["test_accuracy"],
+    }
+    with open(cache, "w") as file:
+        json.dump(record, file, indent=2)
+    return record
 
 
 def split_accuracies(model, tokenizer, reviews, max_length: int) -> dict[str, float]:

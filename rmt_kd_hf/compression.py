@@ -21,10 +21,28 @@ from .surgery.base import Site, SiteAnalysis, count_parameters
 logger = logging.get_logger(__name__)
 
 
+# quantiles stay this far inside (0, 1) once shifted: the MP fit needs some eigenvalues on either side
+QUANTILE_MARGIN = 0.01
+
+
+def site_quantile(kind: str, sigma_quantile: float, quantile_shifts: Mapping[str, float] | None = None) -> float:
+    """The σ² quantile of a site of ``kind``: ``sigma_quantile`` plus that kind's shift, kept inside (0, 1)."""
+    shifted = sigma_quantile + (quantile_shifts or {}).get(kind, 0.0)
+    return min(max(shifted, QUANTILE_MARGIN), 1.0 - QUANTILE_MARGIN)
+
+
 def analyse_sites(
-    sites: Iterable[Site], sigma_quantile: float = 0.5, refine: bool = True, progress: bool = False
+    sites: Iterable[Site],
+    sigma_quantile: float = 0.5,
+    refine: bool = True,
+    progress: bool = False,
+    quantile_shifts: Mapping[str, float] | None = None,
 ) -> dict[str, SiteAnalysis]:
-    """Eigendecompose every site's covariance and fit the Marchenko–Pastur bulk."""
+    """Eigendecompose every site's covariance and fit the Marchenko–Pastur bulk.
+
+    ``quantile_shifts`` moves the σ² quantile of the sites of some kinds (e.g. ``{"ffn": 0.2}``: FFN sites fit at
+    ``sigma_quantile + 0.2`` and keep fewer neurons), which shifts a parameter budget between kinds of site.
+    """
     analyses = {}
     for site in logging.tqdm(list(sites), desc="Spectra", disable=not progress, leave=False):
         if site.num_samples < site.dim:
@@ -37,7 +55,8 @@ def analyse_sites(
             )
         eigenvalues, eigenvectors = eigendecompose(site.covariance)
         try:
-            fit = fit_marchenko_pastur(eigenvalues, site.num_samples, sigma_quantile=sigma_quantile, refine=refine)
+            quantile = site_quantile(site.kind, sigma_quantile, quantile_shifts)
+            fit = fit_marchenko_pastur(eigenvalues, site.num_samples, sigma_quantile=quantile, refine=refine)
         except ValueError as error:
             raise ValueError(f"Cannot fit the Marchenko–Pastur law at {site.name}: {error}") from None
         analyses[site.name] = SiteAnalysis(site, eigenvalues, eigenvectors, fit)
@@ -45,7 +64,10 @@ def analyse_sites(
 
 
 def refit_sites(
-    analyses: Mapping[str, SiteAnalysis], sigma_quantile: float, refine: bool = True
+    analyses: Mapping[str, SiteAnalysis],
+    sigma_quantile: float,
+    refine: bool = True,
+    quantile_shifts: Mapping[str, float] | None = None,
 ) -> dict[str, SiteAnalysis]:
     """Fit the Marchenko–Pastur law again at another quantile, reusing the eigendecompositions."""
     return {
@@ -53,7 +75,12 @@ def refit_sites(
             analysis.site,
             analysis.eigenvalues,
             analysis.eigenvectors,
-            fit_marchenko_pastur(analysis.eigenvalues, analysis.site.num_samples, sigma_quantile, refine),
+            fit_marchenko_pastur(
+                analysis.eigenvalues,
+                analysis.site.num_samples,
+                site_quantile(analysis.site.kind, sigma_quantile, quantile_shifts),
+                refine,
+            ),
         )
         for name, analysis in analyses.items()
     }
@@ -187,6 +214,7 @@ def compress_model(
     max_batches: int | None = None,
     progress: bool = True,
     surgery_options: Mapping[str, object] | None = None,
+    quantile_shifts: Mapping[str, float] | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` once with RMT-KD, without training.
 
@@ -204,6 +232,7 @@ def compress_model(
         max_batches: use at most this many calibration batches.
         surgery_options: passed to the architecture's surgery (BERT: ``reduce_attention_heads=False``,
             ``factorize_word_embeddings=False``, ``width_multiple=1``).
+        quantile_shifts: added to ``sigma_quantile`` at the sites of a kind (see ``analyse_sites``).
 
     Returns:
         ``(compressed_model, report)``; ``compressed_model`` is an ``RMTBert*`` model of the matching head.
@@ -214,7 +243,7 @@ def compress_model(
     accumulators = collect_covariances(prepared, calibration_dataloader, surgery.taps(prepared), max_batches, progress)
     calibrated = time.perf_counter()
     sites = surgery.sites(prepared, accumulators)
-    analyses = analyse_sites(sites, sigma_quantile, refine, progress)
+    analyses = analyse_sites(sites, sigma_quantile, refine, progress, quantile_shifts)
     analysed = time.perf_counter()
     plan_widths(analyses, kept_widths, keep_all, min_width)
     compressed = surgery.apply(prepared, analyses)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from .surgery.base import SiteKind
+
 logger = logging.get_logger(__name__)
+SITE_KINDS = get_args(SiteKind)
 
 
 @dataclass
@@ -27,6 +30,10 @@ class RMTKDConfig(TrainingArguments):
             Cap on the number of calibration rows.
         sigma_quantile (`float`, defaults to `0.5`):
             Eigenvalue quantile that initialises the Marchenko–Pastur σ²; higher keeps fewer directions.
+        sigma_quantile_shifts (`dict[str, float]` or `str`, *optional*):
+            Added to the quantile at the sites of a kind (`"residual"`, `"ffn"`, `"attention"`, `"embedding"`,
+            `"rank"`, `"channels"`), e.g. `{"ffn": 0.2}` (or its JSON string on the command line): those sites
+            keep fewer directions, so a parameter target leaves the other kinds wider. Default: no shift.
         mp_refine (`bool`, defaults to `True`):
             Refine σ² by a robust fit of the MP bulk (kept at the quantile when no bulk is found).
         distillation_alpha (`float`, defaults to `0.7`):
@@ -82,9 +89,15 @@ class RMTKDConfig(TrainingArguments):
             (`latency_sequence_length` tokens) and record both in the history and the model card.
     """
 
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "sigma_quantile_shifts"]
+
     calibration_fraction: float = field(default=0.1, metadata={"help": "Fraction of train rows used to calibrate."})
     calibration_max_samples: int | None = field(default=None, metadata={"help": "Cap on calibration rows."})
     sigma_quantile: float = field(default=0.5, metadata={"help": "Eigenvalue quantile that initialises σ²."})
+    sigma_quantile_shifts: dict[str, float] | str | None = field(
+        default=None,
+        metadata={"help": "Quantile shift per kind of site, as JSON (e.g. '{\"ffn\": 0.2}': narrower FFNs)."},
+    )
     mp_refine: bool = field(default=True, metadata={"help": "Refine σ² by fitting the MP bulk."})
     distillation_alpha: float = field(default=0.7, metadata={"help": "Task-loss weight α in α·CE + (1−α)·KL."})
     distillation_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature T."})
@@ -177,6 +190,23 @@ class RMTKDConfig(TrainingArguments):
         for name, valid in checks.items():
             if not valid:
                 raise ValueError(f"{name} must be {expected[name]}, got {getattr(self, name)!r}")
+        self._check_quantile_shifts()
+
+    def _check_quantile_shifts(self) -> None:
+        shifts = self.sigma_quantile_shifts
+        if shifts is None:
+            return
+        if not isinstance(shifts, dict):
+            raise ValueError(
+                f"sigma_quantile_shifts must be a dict or its JSON string (e.g. '{{\"ffn\": 0.2}}'), got {shifts!r}"
+            )
+        unknown = sorted(set(shifts) - set(SITE_KINDS))
+        if unknown:
+            raise ValueError(f"sigma_quantile_shifts names unknown kinds of site {unknown}: use some of {SITE_KINDS}")
+        for kind, shift in shifts.items():
+            if isinstance(shift, bool) or not isinstance(shift, int | float) or not -1.0 < shift < 1.0:
+                raise ValueError(f"sigma_quantile_shifts[{kind!r}] must be a number in (-1, 1), got {shift!r}")
+        self.sigma_quantile_shifts = {kind: float(shift) for kind, shift in shifts.items()}
 
     def surgery_options(self) -> dict:
         """The architecture options that differ from their defaults (so ResNets, which take none, accept the

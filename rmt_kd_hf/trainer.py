@@ -47,6 +47,7 @@ TRAINING_ARGS_JSON = "training_args.json"
 # settings a resumed run must share with the run that wrote the checkpoint
 RESUME_INVARIANTS = (
     "sigma_quantile",
+    "sigma_quantile_shifts",
     "mp_refine",
     "distillation_alpha",
     "distillation_temperature",
@@ -274,7 +275,7 @@ class RMTKDTrainer(Trainer):
         self._check_inputs()
         surgery = get_surgery(self.model, **args.surgery_options())
         teacher = self.model
-        teacher_fingerprint = _fingerprint(teacher)
+        teacher_fingerprint = model_fingerprint(teacher)
         prepared = surgery.prepare(teacher)
         checkpoint = self._stage_checkpoint_to_resume(resume_from_checkpoint) if resume_from_checkpoint else None
         if checkpoint is not None:
@@ -537,7 +538,12 @@ class RMTKDTrainer(Trainer):
         previous = self.model.eval()
         taps = surgery.taps(previous)
         accumulators = collect_covariances(previous, calibration, taps, progress=not args.disable_tqdm)
-        analyses = analyse_sites(surgery.sites(previous, accumulators), args.sigma_quantile, args.mp_refine)
+        analyses = analyse_sites(
+            surgery.sites(previous, accumulators),
+            args.sigma_quantile,
+            args.mp_refine,
+            quantile_shifts=args.sigma_quantile_shifts,
+        )
         stage_names = list(analyses) if stage_sites is None else stage_sites
         analyses, quantile = self._plan_stage(surgery, previous, analyses, stage_names, history, index)
         self._check_some_direction_is_kept(analyses, stage_names)
@@ -600,7 +606,7 @@ class RMTKDTrainer(Trainer):
         target = self._stage_parameter_target(model, history, index)
 
         def parameters_at(quantile: float) -> tuple[int, dict[str, SiteAnalysis]]:
-            candidate = planned(refit_sites(analyses, quantile, args.mp_refine))
+            candidate = planned(refit_sites(analyses, quantile, args.mp_refine, args.sigma_quantile_shifts))
             widths = {name: analysis.kept_width for name, analysis in candidate.items()}
             return count_parameters_for_config(type(model), surgery.compressed_config(model, widths)), candidate
 
@@ -797,7 +803,7 @@ def _refuse_pickles(checkpoint: str, names: tuple[str, ...]) -> None:
     logger.warning("%s has no optimizer/RNG state: resuming with fresh ones.", checkpoint)
 
 
-def _fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the parameter names, shapes and bytes: identifies the teacher a run started from."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -831,6 +837,7 @@ def _stage_record(index: int, stage_names: list[str], quantile: float, analyses:
                 "dim": analyses[name].site.dim,
                 "num_samples": analyses[name].site.num_samples,
                 "kept_width": analyses[name].kept_width,
+                "sigma_quantile": analyses[name].fit.sigma_quantile,
                 "sigma2": analyses[name].fit.sigma2,
                 "lambda_plus": analyses[name].fit.lambda_plus,
                 "refined": analyses[name].fit.refined,
@@ -840,4 +847,4 @@ def _stage_record(index: int, stage_names: list[str], quantile: float, analyses:
     }
 
 
-__all__ = ["HISTORY_FILENAME", "RMTKDTrainer", "distillation_loss", "hidden_state_loss"]
+__all__ = ["HISTORY_FILENAME", "RMTKDTrainer", "distillation_loss", "hidden_state_loss", "model_fingerprint"]

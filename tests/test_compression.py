@@ -1,9 +1,11 @@
 import json
 
+import pytest
 import torch
 from transformers import BertForSequenceClassification
 
 from rmt_kd_hf import compress_model, format_widths_table
+from rmt_kd_hf.compression import site_quantile
 
 from .conftest import tiny_bert_config
 
@@ -75,3 +77,27 @@ def test_random_directions_keep_widths_but_change_the_basis(batches):
     surgery = get_surgery(teacher)
     random_student = surgery.apply(surgery.prepare(teacher), randomized)
     assert random_student.config.boundary_sizes == student.config.boundary_sizes
+
+
+def test_quantile_shifts_move_only_the_shifted_kind(batches):
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config()).eval()
+    _, plain = compress_model(teacher, batches, sigma_quantile=0.4, progress=False)
+    _, shifted = compress_model(teacher, batches, sigma_quantile=0.4, progress=False, quantile_shifts={"ffn": 0.3})
+    for name, analysis in shifted.analyses.items():
+        before = plain.analyses[name]
+        if analysis.site.kind == "ffn":
+            assert analysis.fit.sigma_quantile == pytest.approx(0.7)
+            assert analysis.kept_width < before.kept_width
+        else:
+            assert analysis.fit.sigma_quantile == pytest.approx(0.4)
+            assert analysis.kept_width == before.kept_width
+    record = next(site for site in shifted.site_records(False) if site["site"] == "ffn.0")
+    assert record["sigma_quantile"] == pytest.approx(0.7)
+
+
+def test_a_shifted_quantile_stays_inside_the_unit_interval():
+    assert site_quantile("ffn", 0.9, {"ffn": 0.5}) == pytest.approx(0.99)
+    assert site_quantile("residual", 0.1, {"residual": -0.5}) == pytest.approx(0.01)
+    assert site_quantile("residual", 0.3, {"ffn": 0.5}) == 0.3
+    assert site_quantile("ffn", 0.3) == 0.3

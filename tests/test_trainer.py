@@ -107,6 +107,29 @@ def test_budget_mode_meets_the_parameter_target(tmp_path):
     assert history["stages"][0]["sigma_quantile"] != 0.5  # chosen by bisection
 
 
+def test_quantile_shifts_move_the_budget_between_kinds_of_site(tmp_path):
+    widths = {}
+    for shifts in (None, {"ffn": 0.3}):
+        trainer = make_trainer(
+            tmp_path / str(shifts),
+            target_parameter_ratio=0.6,
+            stage_max_steps=0,
+            max_metric_drop=1.0,
+            sigma_quantile_shifts=None if shifts is None else json.dumps(shifts),  # as from the command line
+        )
+        trainer.compress()
+        history = trainer.compression_history
+        assert history["final"]["num_parameters"] <= 0.6 * history["teacher"]["num_parameters"]
+        sites = history["stages"][0]["sites"]
+        quantile = history["stages"][0]["sigma_quantile"]
+        assert sites["ffn.0"]["sigma_quantile"] == pytest.approx(min(quantile + (shifts or {}).get("ffn", 0), 0.99))
+        assert sites["boundary.1"]["sigma_quantile"] == pytest.approx(quantile)
+        assert history["config"]["sigma_quantile_shifts"] == shifts
+        widths[json.dumps(shifts)] = (sites["boundary.1"]["kept_width"], sites["ffn.0"]["kept_width"])
+    (residual_plain, ffn_plain), (residual_shifted, ffn_shifted) = widths.values()
+    assert residual_shifted > residual_plain and ffn_shifted < ffn_plain  # same budget, spent on the residual
+
+
 def test_per_layer_schedule_stops_when_the_target_is_met(tmp_path):
     trainer = make_trainer(
         tmp_path,
@@ -129,6 +152,12 @@ def test_config_rejects_bad_values(tmp_path):
         RMTKDConfig(output_dir=str(tmp_path), sigma_quantile=1.5)
     with pytest.raises(ValueError, match="distillation_alpha"):
         RMTKDConfig(output_dir=str(tmp_path), distillation_alpha=-0.1)
+    with pytest.raises(ValueError, match=r"unknown kinds of site \['fnn'\]: use some of"):
+        RMTKDConfig(output_dir=str(tmp_path), sigma_quantile_shifts={"fnn": 0.2})
+    with pytest.raises(ValueError, match=r"sigma_quantile_shifts\['ffn'\] must be a number in \(-1, 1\)"):
+        RMTKDConfig(output_dir=str(tmp_path), sigma_quantile_shifts='{"ffn": 1.5}')
+    with pytest.raises(ValueError, match="must be a dict or its JSON string"):
+        RMTKDConfig(output_dir=str(tmp_path), sigma_quantile_shifts="ffn=0.2")
     with pytest.raises(TypeError, match="RMTKDConfig"):
         from transformers import TrainingArguments
 
