@@ -19,10 +19,9 @@ import os
 import shlex
 import sys
 
-from transformers import AutoModelForSequenceClassification
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from frontier import RESULTS_DIR, latencies  # noqa: E402
+from frontier_point import converged_teacher  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -36,7 +35,7 @@ def main(argv=None) -> dict:
     missing = [path for path in args.checkpoints if not os.path.exists(os.path.join(path, "config.json"))]
     if missing:
         raise SystemExit(f"not a saved checkpoint (no config.json): {', '.join(missing)}")
-    teacher = AutoModelForSequenceClassification.from_pretrained(os.path.join(args.work_dir, "teacher_converged"))
+    _, teacher = converged_teacher(args.work_dir)
     load_before = os.getloadavg()[0]
     timing = latencies(teacher, args.checkpoints, args.threads, args.rounds)
     result = {

@@ -29,7 +29,7 @@ from rmt_kd_hf.trainer import model_fingerprint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dense_equivalent import alternating_latency, dense_equivalent_config  # noqa: E402
-from frontier_point import HEAD_SIZE_RULE  # noqa: E402
+from frontier_point import HEAD_SIZE_RULE, converged_teacher  # noqa: E402
 from frontier_point import RESULTS as POINTS  # noqa: E402
 
 RESULTS_DIR = os.path.dirname(POINTS)
@@ -336,9 +336,10 @@ def recipe_comparisons(runs: list[dict], target: float) -> list[str]:
         if not table:
             continue
         if fingerprint is None:
+            first = first_teacher()
             teacher = (
-                f"teacher of `minilm_movie_reviews.json` (validation {percent(FIRST_TEACHER_VALIDATION_ACCURACY)}, "
-                f"test {percent(FIRST_TEACHER_TEST_ACCURACY)})"
+                f"teacher of `minilm_movie_reviews.json` (validation {percent(first['validation_accuracy'])}, "
+                f"test {percent(first['test_accuracy'])})"
             )
         else:
             scores = same_teacher[-1]
@@ -350,8 +351,11 @@ def recipe_comparisons(runs: list[dict], target: float) -> list[str]:
     return lines
 
 
-# runs recorded before runs recorded their teacher all started from the teacher of minilm_movie_reviews.json
-FIRST_TEACHER_VALIDATION_ACCURACY, FIRST_TEACHER_TEST_ACCURACY = 0.8447464715107161, 0.8421327757449033
+def first_teacher() -> dict:
+    """The teacher row of ``minilm_movie_reviews.json``: the teacher of every run recorded before runs recorded
+    theirs."""
+    with open(os.path.join(RESULTS_DIR, "minilm_movie_reviews.json")) as file:
+        return next(row for row in json.load(file)["rows"] if row["arm"] == "teacher (converged)")
 
 
 def recipe_comparison(runs: list[dict], target: float, explain: bool = True) -> list[str]:
@@ -431,10 +435,7 @@ def main(argv=None) -> list[dict]:
     if args.tables_only:
         return rewrite_tables()
     recipe = recipe_of(args)
-    teacher_dir = os.path.join(args.work_dir, "teacher_converged")
-    if not os.path.exists(os.path.join(teacher_dir, "config.json")):
-        raise SystemExit(f"{teacher_dir} is missing: run benchmarks/minilm_movie_reviews.py first.")
-    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    _, teacher = converged_teacher(args.work_dir)
     fingerprint = model_fingerprint(teacher)
 
     def recorded(kind: str, seed: int, quantile: float | None = None, target: float | None = None) -> dict | None:

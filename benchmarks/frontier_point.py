@@ -33,7 +33,7 @@ import shlex
 import sys
 import time
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification
 
 import rmt_kd_hf  # noqa: F401  (registers the RMTBert auto classes)
 from rmt_kd_hf.data import default_teacher_path, load_movie_reviews
@@ -131,11 +131,8 @@ def main(argv=None) -> dict:
     args = parse_arguments(argv)
     if args.rescore_holdout:
         return rescore_holdout(args.max_length)
-    teacher_dir = os.path.join(args.work_dir, "teacher_converged")
-    if not os.path.exists(os.path.join(teacher_dir, "config.json")):
-        raise SystemExit(f"{teacher_dir} is missing: run benchmarks/minilm_movie_reviews.py first.")
     start = time.perf_counter()
-    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    teacher_dir, teacher = converged_teacher(args.work_dir)
     teacher_parameters = parameter_counts(teacher)["total"]
     tokenizer = AutoTokenizer.from_pretrained(default_teacher_path())
     reviews = load_movie_reviews(seed=0)
@@ -217,6 +214,14 @@ def main(argv=None) -> dict:
         file.write(json.dumps(point) + "\n")
     print(json.dumps(point, indent=2))
     return point
+
+
+def converged_teacher(work_dir: str) -> tuple[str, BertForSequenceClassification]:
+    """The directory and model of the converged teacher that ``minilm_movie_reviews.py`` saved in ``work_dir``."""
+    teacher_dir = os.path.join(work_dir, "teacher_converged")
+    if not os.path.exists(os.path.join(teacher_dir, "config.json")):
+        raise SystemExit(f"{teacher_dir} is missing: run benchmarks/minilm_movie_reviews.py first.")
+    return teacher_dir, AutoModelForSequenceClassification.from_pretrained(teacher_dir)
 
 
 def teacher_record(teacher_dir: str, teacher, tokenizer, reviews, max_length: int) -> dict:
