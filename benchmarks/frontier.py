@@ -234,9 +234,8 @@ def write_plot(points: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    colours = iter(["tab:blue", "tab:green", "tab:purple", "tab:brown"])
-    for fingerprint, teacher_points in by_teacher(points).items():
-        colour = next(colours)
+    for index, (fingerprint, teacher_points) in enumerate(by_teacher(points).items()):
+        colour = f"C{index}"
         teacher_accuracy = teacher_points[0]["teacher_test_accuracy"]
         means = []
         for _, rows in settings(teacher_points):
@@ -362,12 +361,10 @@ def write_table(points: list[dict], command: str, path: str):
 def teacher_means(points: list[dict]) -> list[str]:
     """Markdown: per setting run from every teacher, the mean over teachers of each teacher's mean over seeds (each
     teacher counts once, whatever its number of seeds)."""
-    per_teacher = {
-        fingerprint: dict(settings(teacher_points)) for fingerprint, teacher_points in by_teacher(points).items()
-    }
+    per_teacher_groups = [dict(settings(teacher_points)) for teacher_points in by_teacher(points).values()]
     lines = [
         "",
-        f"### Mean over the {len(per_teacher)} teachers (settings run from every teacher)",
+        f"### Mean over the {len(per_teacher_groups)} teachers (settings run from every teacher)",
         "",
         "| setting | params removed | Δ vs teacher (mean) | Δ vs teacher, per teacher | Δ vs control (mean) "
         "| speedup b1 | speedup b32 | dense-eq. ratio b1 | dense-eq. ratio b32 |",
@@ -375,18 +372,17 @@ def teacher_means(points: list[dict]) -> list[str]:
     ]
     labels = [label for label, _ in settings(points)]
     for label in dict.fromkeys(labels):
-        if not all(label in groups for groups in per_teacher.values()):
+        if not all(label in groups for groups in per_teacher_groups):
             continue
 
-        def mean(value, label=label) -> float:
-            return statistics.mean(
-                statistics.mean(value(row) for row in groups[label]) for groups in per_teacher.values()
-            )
+        def per_teacher(value, label=label) -> list[float]:
+            """``value`` of a point, averaged over seeds, for each teacher."""
+            return [statistics.mean(value(row) for row in groups[label]) for groups in per_teacher_groups]
 
-        deltas = [
-            statistics.mean(row["test_accuracy"] - row["teacher_test_accuracy"] for row in groups[label])
-            for groups in per_teacher.values()
-        ]
+        def mean(value) -> float:
+            return statistics.mean(per_teacher(value))
+
+        deltas = per_teacher(lambda row: row["test_accuracy"] - row["teacher_test_accuracy"])
         lines.append(
             f"| {label} | {100 * mean(lambda row: row['param_reduction']):.1f}% "
             f"| {100 * statistics.mean(deltas):+.2f} pt | {' / '.join(f'{100 * delta:+.2f}' for delta in deltas)} "

@@ -14,7 +14,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .calibration import collect_covariances
-from .spectral import eigendecompose, fit_marchenko_pastur
+from .spectral import MarchenkoPasturFit, eigendecompose, fit_marchenko_pastur
 from .surgery import get_surgery
 from .surgery.base import Site, SiteAnalysis, count_parameters
 
@@ -54,11 +54,7 @@ def analyse_sites(
                 site.dim,
             )
         eigenvalues, eigenvectors = eigendecompose(site.covariance)
-        try:
-            quantile = site_quantile(site.kind, sigma_quantile, quantile_shifts)
-            fit = fit_marchenko_pastur(eigenvalues, site.num_samples, sigma_quantile=quantile, refine=refine)
-        except ValueError as error:
-            raise ValueError(f"Cannot fit the Marchenko–Pastur law at {site.name}: {error}") from None
+        fit = fit_site(site, eigenvalues, sigma_quantile, refine, quantile_shifts)
         analyses[site.name] = SiteAnalysis(site, eigenvalues, eigenvectors, fit)
     return analyses
 
@@ -75,15 +71,26 @@ def refit_sites(
             analysis.site,
             analysis.eigenvalues,
             analysis.eigenvectors,
-            fit_marchenko_pastur(
-                analysis.eigenvalues,
-                analysis.site.num_samples,
-                site_quantile(analysis.site.kind, sigma_quantile, quantile_shifts),
-                refine,
-            ),
+            fit_site(analysis.site, analysis.eigenvalues, sigma_quantile, refine, quantile_shifts),
         )
         for name, analysis in analyses.items()
     }
+
+
+def fit_site(
+    site: Site,
+    eigenvalues: np.ndarray,
+    sigma_quantile: float,
+    refine: bool,
+    quantile_shifts: Mapping[str, float] | None,
+) -> MarchenkoPasturFit:
+    """The Marchenko–Pastur fit of one site's ``eigenvalues`` (shape ``(dim,)``) at its kind's quantile; a failed
+    fit names the site."""
+    quantile = site_quantile(site.kind, sigma_quantile, quantile_shifts)
+    try:
+        return fit_marchenko_pastur(eigenvalues, site.num_samples, sigma_quantile=quantile, refine=refine)
+    except ValueError as error:
+        raise ValueError(f"Cannot fit the Marchenko–Pastur law at {site.name}: {error}") from None
 
 
 def randomize_directions(analyses: Mapping[str, SiteAnalysis], seed: int = 0) -> dict[str, SiteAnalysis]:
