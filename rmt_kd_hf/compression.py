@@ -209,6 +209,21 @@ class CompressionReport:
             json.dump(self.to_dict(), file, indent=2)
 
 
+def _check_compression_arguments(
+    sigma_quantile: float, min_width: int, max_batches: int | None, quantile_shifts: Mapping[str, float] | None
+) -> None:
+    """A ``ValueError`` naming the first argument of ``compress_model`` out of its range."""
+    if not 0.0 < sigma_quantile < 1.0:  # also refuses NaN
+        raise ValueError(f"sigma_quantile must be in (0, 1), got {sigma_quantile!r}")
+    if isinstance(min_width, bool) or not isinstance(min_width, int) or min_width < 0:  # 0: a site may lose all
+        raise ValueError(f"min_width must be an integer >= 0, got {min_width!r}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches!r}")
+    for kind, shift in (quantile_shifts or {}).items():
+        if not -1.0 < shift < 1.0:
+            raise ValueError(f"quantile_shifts[{kind!r}] must be in (-1, 1), got {shift!r}")
+
+
 def compress_model(
     model: nn.Module,
     calibration_dataloader: Iterable[Mapping[str, torch.Tensor]],
@@ -244,6 +259,7 @@ def compress_model(
     Returns:
         ``(compressed_model, report)``; ``compressed_model`` is an ``RMTBert*`` model of the matching head.
     """
+    _check_compression_arguments(sigma_quantile, min_width, max_batches, quantile_shifts)
     surgery = get_surgery(model, **(surgery_options or {}))
     start = time.perf_counter()
     prepared = surgery.prepare(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -158,15 +159,19 @@ class RMTKDConfig(TrainingArguments):
         super().__post_init__()
         checks = {
             "calibration_fraction": 0.0 < self.calibration_fraction <= 1.0,
+            "calibration_max_samples": self.calibration_max_samples is None or self.calibration_max_samples >= 1,
             "sigma_quantile": 0.0 < self.sigma_quantile < 1.0,
             "distillation_alpha": 0.0 <= self.distillation_alpha <= 1.0,
-            "distillation_temperature": self.distillation_temperature > 0.0,
+            "distillation_temperature": 0.0 < self.distillation_temperature < math.inf,
             "hidden_distillation_weight": self.hidden_distillation_weight is None
-            or self.hidden_distillation_weight >= 0,
-            "max_metric_drop": self.max_metric_drop >= 0.0,
+            or 0.0 <= self.hidden_distillation_weight < math.inf,
+            "max_metric_drop": 0.0 <= self.max_metric_drop < math.inf,
             "stage_max_steps": self.stage_max_steps >= 0,
+            "max_stages": self.max_stages is None or self.max_stages >= 1,
             "min_width": self.min_width >= 1,
             "width_multiple": self.width_multiple >= 1,
+            "latency_batch_size": self.latency_batch_size >= 1,
+            "latency_sequence_length": self.latency_sequence_length >= 1,
             "target_parameter_ratio": self.target_parameter_ratio is None or 0.0 < self.target_parameter_ratio < 1.0,
             "target_latency_ratio": self.target_latency_ratio is None or 0.0 < self.target_latency_ratio < 1.0,
             "compression_schedule": self.compression_schedule in ("one_shot", "per_layer"),
@@ -174,14 +179,18 @@ class RMTKDConfig(TrainingArguments):
         }
         expected = {
             "calibration_fraction": "in (0, 1]",
+            "calibration_max_samples": ">= 1 or None",
             "sigma_quantile": "in (0, 1)",
             "distillation_alpha": "in [0, 1]",
-            "distillation_temperature": "> 0",
-            "hidden_distillation_weight": ">= 0 or None",
-            "max_metric_drop": ">= 0",
+            "distillation_temperature": "finite and > 0",
+            "hidden_distillation_weight": "finite and >= 0, or None",
+            "max_metric_drop": "finite and >= 0 (1.0 never rolls back an accuracy)",
             "stage_max_steps": ">= 0",
+            "max_stages": ">= 1 or None",
             "min_width": ">= 1",
             "width_multiple": ">= 1",
+            "latency_batch_size": ">= 1",
+            "latency_sequence_length": ">= 1",
             "target_parameter_ratio": "in (0, 1) or None",
             "target_latency_ratio": "in (0, 1) or None",
             "compression_schedule": "'one_shot' or 'per_layer'",

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pandas as pd
@@ -194,3 +195,59 @@ def test_cli_never_unpickles_a_teacher(csv_files, tmp_path, capsys, untouched):
     untouched()
     assert cli_compress(teacher, csv_files, tmp_path / "out") == 2
     assert "found pytorch_model.bin: pickle files, which rmt-kd never loads" in capsys.readouterr().err
+
+
+# Out-of-range options: (field, value, what the message says). RMTKDConfig checks them before any work.
+BAD_CONFIG_VALUES = [
+    ("sigma_quantile", 0.0, "sigma_quantile must be in (0, 1)"),
+    ("sigma_quantile", 1.0, "sigma_quantile must be in (0, 1)"),
+    ("sigma_quantile", float("nan"), "sigma_quantile must be in (0, 1)"),
+    ("calibration_fraction", 0.0, "calibration_fraction must be in (0, 1]"),
+    ("calibration_max_samples", 0, "calibration_max_samples must be >= 1 or None"),
+    ("distillation_temperature", float("inf"), "distillation_temperature must be finite and > 0"),
+    ("distillation_temperature", 0.0, "distillation_temperature must be finite and > 0"),
+    ("hidden_distillation_weight", float("inf"), "hidden_distillation_weight must be finite and >= 0"),
+    ("hidden_distillation_weight", -1.0, "hidden_distillation_weight must be finite and >= 0"),
+    ("max_metric_drop", float("inf"), "max_metric_drop must be finite and >= 0"),
+    ("max_metric_drop", -0.1, "max_metric_drop must be finite and >= 0"),
+    ("max_stages", 0, "max_stages must be >= 1 or None"),
+    ("stage_max_steps", -1, "stage_max_steps must be >= 0"),
+    ("min_width", 0, "min_width must be >= 1"),
+    ("width_multiple", 0, "width_multiple must be >= 1"),
+    ("target_parameter_ratio", 1.0, "target_parameter_ratio must be in (0, 1) or None"),
+    ("target_latency_ratio", 0.0, "target_latency_ratio must be in (0, 1) or None"),
+    ("latency_batch_size", 0, "latency_batch_size must be >= 1"),
+    ("latency_sequence_length", 0, "latency_sequence_length must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), BAD_CONFIG_VALUES, ids=lambda v: str(v)[:24])
+def test_out_of_range_options_are_refused_before_any_work(tmp_path, untouched, field, value, message):
+    from rmt_kd_hf import RMTKDConfig
+
+    untouched()
+    with pytest.raises(ValueError, match=re.escape(message) + f".*got {re.escape(repr(value))}"):
+        RMTKDConfig(output_dir=str(tmp_path / "out"), **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"sigma_quantile": 2}, "sigma_quantile must be in (0, 1), got 2"),
+        ({"sigma_quantile": -1}, "sigma_quantile must be in (0, 1), got -1"),
+        ({"sigma_quantile": 0}, "sigma_quantile must be in (0, 1), got 0"),
+        ({"sigma_quantile": 1}, "sigma_quantile must be in (0, 1), got 1"),
+        ({"min_width": -1}, "min_width must be an integer >= 0, got -1"),
+        ({"max_batches": 0}, "max_batches must be >= 1 or None, got 0"),
+        ({"quantile_shifts": {"ffn": 1.5}}, "quantile_shifts['ffn'] must be in (-1, 1), got 1.5"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_compress_model_refuses_out_of_range_arguments(batches, arguments, message):
+    from rmt_kd_hf import compress_model
+
+    teacher = BertForSequenceClassification(tiny_bert_config()).eval()
+    reference = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compress_model(teacher, batches, progress=False, **arguments)
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in teacher.state_dict().items())
