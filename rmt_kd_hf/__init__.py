@@ -12,6 +12,7 @@ from transformers import (
 from .calibration import ActivationTap, collect_covariances
 from .compression import CompressionReport, analyse_sites, compress_model, format_widths_table, plan_widths
 from .config import RMTKDConfig
+from .export import export_onnx
 from .models.rmt_bert import (
     RMTBertConfig,
     RMTBertForQuestionAnswering,
@@ -84,6 +85,7 @@ __all__ = [
     "collect_covariances",
     "compress_model",
     "distillation_loss",
+    "export_onnx",
     "eigendecompose",
     "fit_marchenko_pastur",
     "format_widths_table",

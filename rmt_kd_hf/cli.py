@@ -1,7 +1,9 @@
 """``rmt-kd`` command line.
 
 * ``rmt-kd report MODEL_DIR_OR_ID [--data FILE.csv|json]``: a spectral report;
-* ``rmt-kd bench TEACHER COMPRESSED``: parameters, disk and CPU latency of both, measured in one run.
+* ``rmt-kd bench TEACHER COMPRESSED [--onnx]``: parameters, disk and CPU latency of both, measured in one run
+  (with ``--onnx``, also through ONNX Runtime in fp32 and int8);
+* ``rmt-kd export MODEL_DIR --output DIR [--quantize int8]``: ONNX (and int8) in optimum's folder layout.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
+from .export import DEFAULT_OPSET, Int8Settings, export_onnx
 from .spectral_report import POOR_FIT_KS_DISTANCE, SPECTRA_FILENAME, spectral_report
 
 
@@ -126,7 +130,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=10, help="Timed forward passes per batch size (median).")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
     bench.add_argument("--output", default=None, help="Also write the results to this JSON file.")
+    bench.add_argument(
+        "--onnx", action="store_true", help="Also export both (local folders), time them in ONNX Runtime (fp32, int8)."
+    )
     bench.add_argument("--trust_remote_code", action="store_true", help="Allow the model repo's own code.")
+    export = commands.add_parser(
+        "export",
+        help="ONNX (and int8) for ONNX Runtime: model.onnx, model_quantized.onnx, config and tokenizer, in the folder "
+        "layout optimum's ORTModel classes read.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    export.add_argument("model", metavar="MODEL_DIR", help="A save_pretrained folder (compressed or not).")
+    export.add_argument("--output", required=True, help="Folder to write (new, or --overwrite).")
+    export.add_argument("--quantize", choices=["int8"], default=None, help="Also write an int8 model_quantized.onnx.")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset.")
+    defaults = Int8Settings()
+    export.add_argument("--per_tensor", action="store_true", help="int8: one scale per weight (default: per channel).")
+    export.add_argument("--reduce_range", action="store_true", help="int8: 7-bit weights (CPUs without VNNI).")
+    export.add_argument(
+        "--float_embeddings", action="store_true", help="int8: leave the embedding tables in fp32 (a larger file)."
+    )
+    export.add_argument(
+        "--keep_float",
+        nargs="*",
+        default=list(defaults.keep_float),
+        help="int8: module-name substrings whose matrix products stay fp32 (e.g. LayerNorm classifier).",
+    )
+    export.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output folder.")
+    export.add_argument("--trust_remote_code", action="store_true", help="Allow the model folder's own code.")
     return parser
 
 
@@ -209,6 +240,11 @@ def run_bench(args: argparse.Namespace) -> dict:
                 for batch in args.batch_sizes
             },
         }
+    if args.onnx:
+        with tempfile.TemporaryDirectory() as scratch:
+            for name, model in models.items():
+                threads, scratch_dir = torch.get_num_threads(), os.path.join(scratch, name)
+                result[name]["runtimes"] = _onnx_rows(model, getattr(args, name), args, threads, scratch_dir)
     result["parameter_ratio"] = result["compressed"]["total"] / result["teacher"]["total"]
     result["speedup"] = {
         batch: result["teacher"]["latency_seconds"][batch] / result["compressed"]["latency_seconds"][batch]
@@ -220,6 +256,26 @@ def run_bench(args: argparse.Namespace) -> dict:
     return result
 
 
+def _onnx_rows(model, path: str, args: argparse.Namespace, threads: int, scratch: str) -> dict[str, dict]:
+    """``{"ort-fp32": row, "ort-int8": row}``: ONNX file MB and ONNX Runtime latency of the model saved in ``path``,
+    on the inputs ``cpu_latency`` gives ``model``."""
+    from .export import ort_latency, ort_session
+    from .surgery import get_surgery
+
+    if not os.path.isdir(path):
+        raise ValueError(f"--onnx needs local model folders; {path!r} is not one (download it first).")
+    exported = export_onnx(path, scratch, quantize="int8", trust_remote_code=args.trust_remote_code)
+    rows = {}
+    for precision, file in (("fp32", exported.onnx_path), ("int8", exported.quantized_path)):
+        session = ort_session(file, threads)
+        latency = {}
+        for batch in args.batch_sizes:
+            inputs = get_surgery(model).example_inputs(model, batch, args.sequence_length)
+            latency[str(batch)] = ort_latency(session, inputs, repeats=args.repeats)
+        rows[f"ort-{precision}"] = {"onnx_mb": os.path.getsize(file) / 1e6, "latency_seconds": latency}
+    return rows
+
+
 def _print_bench(result: dict) -> None:
     print(
         f"{'':<12}{'params':>13}{'non-emb':>12}{'MB':>8}" + "".join(f"{'b' + b + ' ms':>10}" for b in result["speedup"])
@@ -229,8 +285,31 @@ def _print_bench(result: dict) -> None:
         megabytes = "-" if row["safetensors_mb"] is None else f"{row['safetensors_mb']:.1f}"
         timings = "".join(f"{1e3 * seconds:>10.1f}" for seconds in row["latency_seconds"].values())
         print(f"{name:<12}{row['total']:>13,}{row['non_embedding']:>12,}{megabytes:>8}{timings}")
+        for runtime, runtime_row in row.get("runtimes", {}).items():
+            timings = "".join(f"{1e3 * seconds:>10.1f}" for seconds in runtime_row["latency_seconds"].values())
+            label = f"  {runtime}"
+            print(f"{label:<12}{'':>13}{'':>12}{runtime_row['onnx_mb']:>8.1f}{timings}")
     speedups = ", ".join(f"{value:.2f}x at batch {batch}" for batch, value in result["speedup"].items())
-    print(f"compressed: {result['parameter_ratio']:.1%} of the parameters, {speedups}")
+    print(f"compressed: {result['parameter_ratio']:.1%} of the parameters, {speedups} (PyTorch vs PyTorch)")
+
+
+def run_export(args: argparse.Namespace):
+    """``rmt-kd export``: :func:`rmt_kd_hf.export.export_onnx` with the command line's settings."""
+    int8 = Int8Settings(
+        per_channel=not args.per_tensor,
+        reduce_range=args.reduce_range,
+        quantize_embeddings=not args.float_embeddings,
+        keep_float=tuple(args.keep_float),
+    )
+    return export_onnx(
+        args.model,
+        args.output,
+        quantize=args.quantize,
+        opset=args.opset,
+        int8=int8,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def run_compress(argv: list[str]) -> int:
@@ -253,11 +332,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["compress"]:  # its options come from dataclasses (HfArgumentParser), as in run_glue.py
         return run_compress(argv[1:])
     args = build_parser().parse_args(argv)
+    commands = {"report": run_report, "bench": run_bench, "export": run_export}
     try:
-        payload = run_report(args) if args.command == "report" else run_bench(args)
+        payload = commands[args.command](args)
     except (FileNotFoundError, ValueError, ImportError, OSError) as error:
         print(f"rmt-kd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    if args.command == "export":
+        written = ", ".join(sorted(os.listdir(payload.output_dir)))
+        print(f"{payload.output_dir}: {written} (fp32: max |ONNX - PyTorch| = {payload.max_abs_difference:.2g})")
+        return 0
     if args.command == "bench":
         _print_bench(payload)
         return 0

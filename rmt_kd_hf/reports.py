@@ -113,9 +113,9 @@ def cpu_latency(
     """Median wall time in seconds of one forward pass on random inputs of ``batch_size`` rows.
 
     ``sequence_length`` is the tokens per row for text models (clamped to the position table) and the image side
-    for vision models (``None``: the model's own). Text models get an all-ones attention mask, which they skip, as
-    transformers' BERT does. Compare models only within one process run, one after the other, with nothing else
-    running.
+    for vision models (``None``: the model's own). Text models get an all-ones attention mask (transformers' BERT
+    skips it; the compressed models apply it, so that their graphs export with any padding). Compare models only
+    within one process run, one after the other, with nothing else running.
     """
     model = model.eval()
     inputs = get_surgery(model).example_inputs(model, batch_size, sequence_length)

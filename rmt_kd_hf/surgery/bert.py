@@ -516,7 +516,7 @@ class BertSurgery:
         }
 
     def example_inputs(self, model, batch_size: int, size: int | None = None) -> dict[str, torch.Tensor]:
-        """Random token ids (batch_size, size) and an all-ones mask (the models skip it, as BERT does)."""
+        """Random token ids (batch_size, size) and an all-ones mask (BERT skips it; the compressed models apply it)."""
         config = model.config
         maximum = getattr(config, "max_position_embeddings", None) or 128
         length = maximum if size is None else min(size, maximum)

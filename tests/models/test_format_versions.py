@@ -100,3 +100,18 @@ def test_fused_projection_follows_a_fused_optimiser_between_evaluations(batches)
         unfused = model(**inputs).logits.detach()
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, unfused, atol=1e-6, rtol=0)
+
+
+def test_fused_projection_follows_edits_through_data(batches):
+    """``.data`` edits bump no version counter: the inference path must still read the current weights."""
+    torch.manual_seed(3)
+    model = compress_model(BertForSequenceClassification(tiny_bert_config()).eval(), batches, progress=False)[0]
+    inputs = {"input_ids": batches[0]["input_ids"], "attention_mask": batches[0]["attention_mask"]}
+    with torch.no_grad():
+        before = model(**inputs).logits
+        model.bert.encoder.layer[0].attention.self.query.weight.data.mul_(3.0)
+        after = model(**inputs).logits
+    with torch.enable_grad():
+        unfused = model(**inputs).logits.detach()
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, unfused, atol=1e-6, rtol=0)

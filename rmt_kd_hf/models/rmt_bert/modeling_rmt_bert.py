@@ -117,35 +117,21 @@ class RMTBertSelfAttention(nn.Module):
         self.key = nn.Linear(width, self.num_attention_heads * self.query_key_head_size)
         self.value = nn.Linear(width, self.num_attention_heads * self.value_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self._fused_projection: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def _split_heads(self, states: torch.Tensor, head_size: int) -> torch.Tensor:
         batch_size, seq_length = states.shape[:2]
         return states.view(batch_size, seq_length, self.num_attention_heads, head_size).transpose(1, 2)
 
-    def train(self, mode: bool = True):
-        # fused optimisers (AdamW's default on CPU and GPU) update weights without bumping ``_version``: drop the
-        # cache whenever the mode changes, as Trainer does around every training step and evaluation
-        self._fused_projection = None
-        return super().train(mode)
-
     def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys, values (batch, seq, heads · size). In eval mode without autograd or hooks on the
-        projections, one GEMM on the concatenated weights, cached until a weight changes: in-place edits bump
-        ``_version``, moves change ``data_ptr``, and ``train()``/``eval()`` drop the cache (a fused optimiser step
-        changes neither)."""
+        """Queries, keys, values (batch, seq, heads · size). For inference, one GEMM on the concatenated weights
+        (concatenated at each call, so it can never go stale; exporters fold it into one constant); in training or
+        with hooks on the projections (calibration reads each output), one GEMM each."""
         layers = (self.query, self.key, self.value)
         hooked = any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
-        if torch.is_grad_enabled() or hooked or self.training:  # calibration hooks read each projection's output
+        if torch.is_grad_enabled() or hooked or self.training:
             return tuple(layer(hidden_states) for layer in layers)
-        parameters = [tensor for layer in layers for tensor in (layer.weight, layer.bias)]
-        stamp = tuple((tensor.data_ptr(), tensor._version, tensor.dtype) for tensor in parameters)
-        if self._fused_projection is None or self._fused_projection[0] != stamp:
-            with torch.no_grad():
-                weight = torch.cat([layer.weight for layer in layers])
-                bias = torch.cat([layer.bias for layer in layers])
-            self._fused_projection = (stamp, weight, bias)
-        _, weight, bias = self._fused_projection
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers])
         sizes = [layer.out_features for layer in layers]
         return nn.functional.linear(hidden_states, weight, bias).split(sizes, dim=-1)
 
@@ -291,11 +277,11 @@ def _fill_unless_loaded(tensor: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _additive_attention_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(batch, seq) 1/0 mask -> (batch, 1, 1, seq) additive mask; None when nothing is masked (faster path)."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """(batch, seq) 1/0 mask -> (batch, 1, 1, seq) additive mask. No branch on the mask's values, so that exported
+    graphs (ONNX, ``torch.export``) take any padding; without a mask nothing is added."""
+    if attention_mask is None:
         return None
-    blocked = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-    return blocked
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
 class RMTBertModel(RMTBertPreTrainedModel):
