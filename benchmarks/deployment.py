@@ -22,6 +22,7 @@ Run it with nothing else on the machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -29,7 +30,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import rmt_kd_hf  # noqa: F401  (registers the RMTBert auto classes)
 from rmt_kd_hf.data import default_teacher_path, load_movie_reviews
 from rmt_kd_hf.export import Int8Settings, export_onnx, ort_feed, ort_session
-from rmt_kd_hf.reports import safetensors_size_mb, text_classification_accuracy
+from rmt_kd_hf.reports import median_seconds, safetensors_size_mb, text_classification_accuracy
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # the frontier points deployed: setting -> glob of frontier_point.py's output folder (seed 0)
@@ -161,20 +161,13 @@ def alternating_latency(arms: list[Arm], batch_size: int, rounds: int, repeats: 
     """Per arm, the median over ``rounds`` of its median time (seconds) over ``repeats`` runs; arms alternate, after
     one untimed round (first-run allocations, caches)."""
     per_round = [[] for _ in arms]
-    inputs = [timing_inputs(arm, batch_size) for arm in arms]
-    for arm, arm_inputs in zip(arms, inputs, strict=True):
+    runs = [functools.partial(arm.logits, timing_inputs(arm, batch_size)) for arm in arms]
+    for run in runs:  # the untimed round
         for _ in range(repeats):
-            arm.logits(arm_inputs)
+            run()
     for _ in range(rounds):
-        for index, arm in enumerate(arms):
-            for _ in range(2):  # warm-up
-                arm.logits(inputs[index])
-            timings = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                arm.logits(inputs[index])
-                timings.append(time.perf_counter() - start)
-            per_round[index].append(statistics.median(timings))
+        for index, run in enumerate(runs):
+            per_round[index].append(median_seconds(run, repeats, warmup=2))
     return [statistics.median(values) for values in per_round]
 
 

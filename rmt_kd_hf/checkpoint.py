@@ -4,11 +4,13 @@ safetensors and JSON (nothing is ever unpickled), checked before use so that a d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -45,12 +47,7 @@ def save_compressed(
     output_dir = os.path.abspath(os.fspath(output_dir))
     if os.path.exists(output_dir) and os.listdir(output_dir) and not (overwrite or merge_into_existing):
         raise FileExistsError(f"{output_dir} exists and is not empty: choose a new directory or pass overwrite=True.")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"Cannot write into {parent}: choose a writable output directory.")
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
-    try:
+    with staged_directory(output_dir, merge_into_existing) as staging:
         model.save_pretrained(staging)  # transformers 5 writes safetensors only
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -59,6 +56,44 @@ def save_compressed(
         for name, payload in (json_files or {}).items():
             with open(os.path.join(staging, name), "w") as file:
                 json.dump(payload, file, indent=2)
+    return output_dir
+
+
+def refuse_teacher_folder(
+    output_dir: str | os.PathLike, teacher_dir: str | os.PathLike | None, refuse_containing: bool = True
+) -> None:
+    """Raise a ``ValueError`` when writing ``output_dir`` could overwrite the teacher saved in ``teacher_dir``: the
+    same folder, a folder inside it, or (``refuse_containing``) one that contains it. A ``teacher_dir`` that is not
+    a local folder (a hub id, ``None``) passes."""
+    if not teacher_dir or not os.path.isdir(teacher_dir):
+        return
+    output, teacher = os.path.realpath(output_dir), os.path.realpath(teacher_dir)
+    if output == teacher:
+        relation = "is"
+    elif output.startswith(teacher + os.sep):
+        relation = "lies inside"
+    elif refuse_containing and teacher.startswith(output + os.sep):
+        relation = "contains"
+    else:
+        return
+    raise ValueError(
+        f"output_dir {os.fspath(output_dir)} {relation} the teacher's folder {os.fspath(teacher_dir)}: the compressed "
+        "model would be written over the teacher. Choose an output_dir outside it."
+    )
+
+
+@contextlib.contextmanager
+def staged_directory(output_dir: str, merge_into_existing: bool = False) -> Iterator[str]:
+    """A temporary sibling of ``output_dir`` to write into. On success it replaces ``output_dir`` (with
+    ``merge_into_existing``, its files are moved into an existing ``output_dir``, ``config.json`` last); on failure
+    it is deleted and ``output_dir`` is left as it was."""
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"Cannot write into {parent}: choose a writable output directory.")
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    try:
+        yield staging
         if merge_into_existing and os.path.isdir(output_dir):
             _move_files_config_last(staging, output_dir)
             os.rmdir(staging)
@@ -69,7 +104,6 @@ def save_compressed(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return output_dir
 
 
 def _move_files_config_last(source: str, destination: str) -> None:

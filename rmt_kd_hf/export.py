@@ -17,14 +17,15 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+
+from .checkpoint import check_checkpoint, copy_out_of_file, staged_directory
+from .reports import median_seconds
 
 ONNX_FILENAME = "model.onnx"
 QUANTIZED_FILENAME = "model_quantized.onnx"
@@ -133,8 +134,6 @@ def _auto_class_and_outputs(config: Mapping) -> tuple[str, tuple[str, ...]]:
 
 def _load_model(model_dir: str, auto_class: str, trust_remote_code: bool):
     import transformers
-
-    from .checkpoint import check_checkpoint, copy_out_of_file
 
     check_checkpoint(model_dir)
     model = getattr(transformers, auto_class).from_pretrained(
@@ -347,10 +346,7 @@ def export_onnx(
     with torch.no_grad():
         trial = model(**example_inputs(model, 1, 32), return_dict=True)
     output_names = tuple(name for name in output_names if trial.get(name) is not None)  # a base model's pooler
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
-    try:
+    with staged_directory(output_dir) as staging:
         exported = _export_into(model, model_dir, staging, config, output_names, opset, tolerance)
         int8_info = None
         if quantize == "int8":
@@ -358,12 +354,6 @@ def export_onnx(
             int8_info = quantize_int8(exported.onnx_path, quantized_path, int8 or Int8Settings())
         with open(os.path.join(staging, EXPORT_INFO_FILENAME), "w") as file:
             json.dump({"opset": opset, "max_abs_difference": exported.max_abs_difference, "int8": int8_info}, file)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportedModel(
         output_dir=output_dir,
         onnx_path=os.path.join(output_dir, ONNX_FILENAME),
@@ -411,14 +401,7 @@ def _export_into(model, model_dir: str, staging: str, config: Mapping, output_na
 def ort_latency(session, inputs: Mapping[str, torch.Tensor | np.ndarray], repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time in seconds of one ``session.run`` on ``inputs``."""
     feed = ort_feed(session, inputs)
-    for _ in range(warmup):
-        session.run(None, feed)
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+    return median_seconds(lambda: session.run(None, feed), repeats, warmup)
 
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -120,12 +120,17 @@ def cpu_latency(
     model = model.eval()
     inputs = get_surgery(model).example_inputs(model, batch_size, sequence_length)
     inputs = {name: tensor.to(next(model.parameters()).device) for name, tensor in inputs.items()}
+    return median_seconds(lambda: model(**inputs), repeats, warmup)
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 0) -> float:
+    """Median wall time in seconds of ``run()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
     for _ in range(warmup):
-        model(**inputs)
+        run()
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(**inputs)
+        run()
         timings.append(time.perf_counter() - start)
     return statistics.median(timings)
 
@@ -133,6 +138,7 @@ def cpu_latency(
 __all__ = [
     "cpu_latency",
     "hidden_state_similarity",
+    "median_seconds",
     "parameter_comparison",
     "parameter_counts",
     "safetensors_size_mb",

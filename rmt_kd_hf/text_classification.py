@@ -25,7 +25,7 @@ from transformers import (
     set_seed,
 )
 
-from .checkpoint import check_checkpoint, copy_out_of_file
+from .checkpoint import check_checkpoint, copy_out_of_file, refuse_teacher_folder
 from .cli import evaluate_split, parse_dataclass_arguments, setup_logging, train_teacher
 from .config import RMTKDConfig
 from .metrics import load_glue_metric
@@ -194,6 +194,7 @@ def metrics_function(data_args: DataTrainingArguments, is_regression: bool):
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     """Parse ``argv``, fine-tune the teacher if its classifier is new, compress, evaluate; returns the metrics."""
     model_args, data_args, training_args = parse_arguments(argv, prog)
+    refuse_teacher_folder(training_args.output_dir, model_args.model_name_or_path)
     if model_args.teacher_dir is None:
         model_args.teacher_dir = os.path.join(training_args.output_dir, "checkpoint-teacher")
     setup_logging(training_args, logger)

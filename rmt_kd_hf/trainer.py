@@ -25,6 +25,7 @@ from .checkpoint import (
     load_checkpoint,
     load_rng_state,
     load_state_dict_file,
+    refuse_teacher_folder,
     save_compressed,
     save_rng_state,
     save_state_dict_file,
@@ -142,6 +143,9 @@ class RMTKDTrainer(Trainer):
         if not isinstance(args, RMTKDConfig):
             raise TypeError(f"RMTKDTrainer needs an RMTKDConfig as args, got {type(args).__name__}.")
         surgery = get_surgery(model, **args.surgery_options())  # unsupported architectures/options fail here
+        # before Trainer creates output_dir; the CLI's checkpoint-teacher cache inside output_dir is safe (the final
+        # save merges into output_dir)
+        refuse_teacher_folder(args.output_dir, getattr(model, "name_or_path", None), refuse_containing=False)
         super().__init__(model=model, args=args, **kwargs)
         if args.push_to_hub and args.hub_strategy != "end":
             logger.warning(
@@ -411,6 +415,7 @@ class RMTKDTrainer(Trainer):
 
     def _check_inputs(self) -> None:
         """Fail before any work on inputs that would break a stage hours later."""
+        refuse_teacher_folder(self.args.output_dir, getattr(self.model, "name_or_path", None), refuse_containing=False)
         output_dir = os.path.abspath(self.args.output_dir)
         existing = output_dir
         while not os.path.exists(existing):  # probe the nearest existing ancestor: create nothing yet

@@ -251,3 +251,40 @@ def test_compress_model_refuses_out_of_range_arguments(batches, arguments, messa
     with pytest.raises(ValueError, match=re.escape(message)):
         compress_model(teacher, batches, progress=False, **arguments)
     assert all(torch.equal(tensor, reference[name]) for name, tensor in teacher.state_dict().items())
+
+
+def folder_digest(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("where", ["the teacher's folder", "inside it"])
+def test_trainer_never_writes_over_the_teacher(tmp_path, where):
+    teacher_dir = tmp_path / "teacher"
+    BertForSequenceClassification(tiny_bert_config(num_labels=2)).save_pretrained(teacher_dir)
+    before = folder_digest(teacher_dir)
+    output_dir = teacher_dir if where == "the teacher's folder" else teacher_dir / "compressed"
+    teacher = BertForSequenceClassification.from_pretrained(teacher_dir)
+    relation = "is" if where == "the teacher's folder" else "lies inside"
+    with pytest.raises(ValueError, match=rf"{relation} the teacher's folder .*Choose an output_dir outside it"):
+        make_trainer(tmp_path, model=teacher, output_dir=str(output_dir), stage_max_steps=1)
+    assert folder_digest(teacher_dir) == before
+    trainer = make_trainer(tmp_path, model=teacher, stage_max_steps=1)
+    trainer.args.output_dir = str(output_dir)  # changed after construction: compress() checks again
+    with pytest.raises(ValueError, match=rf"{relation} the teacher's folder"):
+        trainer.compress()
+    assert folder_digest(teacher_dir) == before
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_cli_never_writes_over_the_teacher(csv_files, tmp_path, capsys, where):
+    teacher_dir = tmp_path / "models" / "teacher"
+    BertForSequenceClassification(tiny_bert_config(num_labels=2)).save_pretrained(teacher_dir)
+    before = folder_digest(teacher_dir)
+    output_dir = {"same": teacher_dir, "inside": teacher_dir / "out", "contains": tmp_path / "models"}[where]
+    capsys.readouterr()  # the setup's progress bars
+    assert cli_compress(teacher_dir, csv_files, output_dir) == 2
+    relation = {"same": "is", "inside": "lies inside", "contains": "contains"}[where]
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{relation} the teacher's folder" in error[0]
+    assert folder_digest(teacher_dir) == before
+    assert sorted(os.listdir(tmp_path / "models")) == ["teacher"]
