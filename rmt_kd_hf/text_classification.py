@@ -226,8 +226,11 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
         test = processed["test"]
         if "label" in test.column_names and min(test["label"]) >= 0:
             results.update(evaluate_split(trainer, "test", test))
+    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification"}
     if training_args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tasks="text-classification")
+        trainer.push_to_hub(**card)  # writes the model card too
+    elif training_args.do_train:
+        trainer.create_model_card(**card)  # as run_glue.py does when it does not push
     return results
 
 

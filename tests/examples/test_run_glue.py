@@ -74,6 +74,8 @@ def test_run_glue_fine_tunes_then_compresses(small_real_csvs):
     output = root / "out"
     history = json.load(open(output / "rmt_kd_history.json"))
     assert history["stages"][0]["status"] == "accepted"
+    card = (output / "README.md").read_text()  # the model card, although nothing was pushed
+    assert "rmt-kd" in card and "accepted" in card
     model = AutoModelForSequenceClassification.from_pretrained(output)
     assert model.config.model_type == "rmt_bert"
     assert sum(p.numel() for p in model.parameters()) < history["teacher"]["num_parameters"]
