@@ -195,6 +195,12 @@ def load_checkpoint(model_class: type[PreTrainedModel], directory: str | os.Path
     return copy_out_of_file(model_class.from_pretrained(os.fspath(directory), use_safetensors=True, **kwargs))
 
 
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and floating-point buffers of ``model`` holding a NaN or an infinity."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, tensor in tensors if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 def copy_out_of_file(model: torch.nn.Module) -> torch.nn.Module:
     """Give every parameter and buffer its own memory (instead of pages of a memory-mapped safetensors file)."""
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from .checkpoint import (
     load_checkpoint,
     load_rng_state,
     load_state_dict_file,
+    non_finite_tensors,
     refuse_teacher_folder,
     save_compressed,
     save_rng_state,
@@ -429,6 +431,12 @@ class RMTKDTrainer(Trainer):
             ) from None
         if len(self.train_dataset) == 0:
             raise ValueError("train_dataset is empty: calibration and distillation need training rows.")
+        broken = non_finite_tensors(self.model)
+        if broken:
+            raise ValueError(
+                f"The teacher has non-finite weights ({_first_names(broken)}): "
+                "reload or retrain it; RMT-KD cannot compress a model that computes NaN."
+            )
         vocab_size = getattr(self.model.config, "vocab_size", None)
         tokenizer_size = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
         if vocab_size is not None and tokenizer_size is not None and tokenizer_size > vocab_size:
@@ -573,7 +581,12 @@ class RMTKDTrainer(Trainer):
         record["parameter_ratio"] = record["num_parameters"] / history["teacher"]["num_parameters"]
         if args.target_latency_ratio is not None:
             record["latency_ratio"] = self._latency(candidate) / history["teacher"]["cpu_latency_seconds"]
-        if metric < floor:
+        broken = non_finite_tensors(candidate)
+        if broken or not math.isfinite(metric):  # whatever the floor: a NaN model is never kept
+            self.model = self.model_wrapped = previous
+            where = f"weights ({_first_names(broken)})" if broken else "metric"
+            record["status"] = f"rolled back: non-finite {where} after distillation"
+        elif metric < floor:
             self.model = self.model_wrapped = previous
             record["status"] = f"rolled back: {args.compression_metric} {metric:.4f} < floor {floor:.4f}"
         else:
@@ -758,6 +771,10 @@ class RMTKDTrainer(Trainer):
             tags=tags,
             measurements=measurements,
         )
+
+
+def _first_names(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 class BestStageWeights(TrainerCallback):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
+from rmt_kd_hf.checkpoint import non_finite_tensors
 from rmt_kd_hf.cli import main as cli_main
 
 from .conftest import make_trainer, tiny_bert_config
@@ -58,8 +59,8 @@ def test_too_small_calibration_set_warns(tmp_path, caplog):
 def test_nan_activations(tmp_path, untouched):
     untouched()
     model = BertForSequenceClassification(tiny_bert_config(num_labels=2))
-    with torch.no_grad():
-        model.bert.encoder.layer[0].intermediate.dense.weight[0, 0] = float("nan")
+    with torch.no_grad():  # finite weights (non-finite ones are refused earlier) whose products overflow to inf
+        model.bert.encoder.layer[0].intermediate.dense.weight[0, 0] = 3e38
     trainer = make_trainer(tmp_path, model=model)
     with pytest.raises(ValueError, match=r"non-finite activations in .*NaN/inf; check the model/inputs"):
         trainer.compress()
@@ -288,3 +289,21 @@ def test_cli_never_writes_over_the_teacher(csv_files, tmp_path, capsys, where):
     assert len(error) == 1 and f"{relation} the teacher's folder" in error[0]
     assert folder_digest(teacher_dir) == before
     assert sorted(os.listdir(tmp_path / "models")) == ["teacher"]
+
+
+def test_a_teacher_with_non_finite_weights_is_refused(tmp_path, untouched):
+    teacher = BertForSequenceClassification(tiny_bert_config(num_labels=2))
+    with torch.no_grad():
+        teacher.bert.encoder.layer[1].intermediate.dense.weight[0, 0] = float("nan")
+    trainer = make_trainer(tmp_path, model=teacher, stage_max_steps=1)
+    untouched()
+    with pytest.raises(ValueError, match=r"non-finite weights \(bert\.encoder\.layer\.1\.intermediate\.dense\.weight"):
+        trainer.compress()
+
+
+def test_a_stage_that_diverges_is_rolled_back_whatever_the_floor(tmp_path):
+    trainer = make_trainer(tmp_path, stage_max_steps=3, max_metric_drop=1.0, learning_rate=1e30)
+    model = trainer.compress()
+    status = trainer.compression_history["stages"][0]["status"]
+    assert status.startswith("rolled back: non-finite weights"), status
+    assert non_finite_tensors(model) == []  # the model before the stage, saved
