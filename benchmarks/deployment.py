@@ -46,12 +46,18 @@ SETTINGS = {"target>=66%": "frontier_t0.34_s0_steps600_*", "q=0.5": "frontier_q0
 SEQUENCE_LENGTH, MAX_LENGTH = 128, 64
 
 
-def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work_dir", default="outputs/bench")
-    parser.add_argument("--deploy_dir", default="outputs/deploy")
+def common_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The options this benchmark shares with ``quantization_options.py``: where the models are, threads, rounds."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default="outputs/bench", help="the converged teacher and frontier points")
+    parser.add_argument("--deploy_dir", default="outputs/deploy", help="where the exported folders go")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=rounds, help="alternating latency rounds")
+    return parser
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = common_parser(__doc__, rounds=7)
     parser.add_argument("--name", default="deployment", help="results/NAME.{json,md,png}")
     parser.add_argument(
         "--teacher_int8",

@@ -42,6 +42,7 @@ from deployment import (  # noqa: E402
     Arm,
     accuracy,
     alternating_latency,
+    common_parser,
     student_folders,
     teacher_folder,
 )
@@ -60,12 +61,7 @@ DYNAMIC_VARIANTS = {
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work_dir", default="outputs/bench")
-    parser.add_argument("--deploy_dir", default="outputs/deploy")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    return parser.parse_args(argv)
+    return common_parser(__doc__, rounds=5).parse_args(argv)
 
 
 class CalibrationRows:
