@@ -15,8 +15,9 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from .export import DEFAULT_OPSET, Int8Settings, export_onnx
+from .export import DEFAULT_OPSET, Int8Settings, export_onnx, ort_latency, ort_session
 from .spectral_report import POOR_FIT_KS_DISTANCE, SPECTRA_FILENAME, spectral_report
+from .surgery import get_surgery
 
 
 def parse_dataclass_arguments(dataclass_types: tuple, argv: Sequence[str] | None = None, prog: str | None = None):
@@ -259,19 +260,17 @@ def run_bench(args: argparse.Namespace) -> dict:
 def _onnx_rows(model, path: str, args: argparse.Namespace, threads: int, scratch: str) -> dict[str, dict]:
     """``{"ort-fp32": row, "ort-int8": row}``: ONNX file MB and ONNX Runtime latency of the model saved in ``path``,
     on the inputs ``cpu_latency`` gives ``model``."""
-    from .export import ort_latency, ort_session
-    from .surgery import get_surgery
-
     if not os.path.isdir(path):
         raise ValueError(f"--onnx needs local model folders; {path!r} is not one (download it first).")
     exported = export_onnx(path, scratch, quantize="int8", trust_remote_code=args.trust_remote_code)
+    surgery = get_surgery(model)
+    inputs = {str(batch): surgery.example_inputs(model, batch, args.sequence_length) for batch in args.batch_sizes}
     rows = {}
     for precision, file in (("fp32", exported.onnx_path), ("int8", exported.quantized_path)):
         session = ort_session(file, threads)
-        latency = {}
-        for batch in args.batch_sizes:
-            inputs = get_surgery(model).example_inputs(model, batch, args.sequence_length)
-            latency[str(batch)] = ort_latency(session, inputs, repeats=args.repeats)
+        latency = {
+            batch: ort_latency(session, batch_inputs, repeats=args.repeats) for batch, batch_inputs in inputs.items()
+        }
         rows[f"ort-{precision}"] = {"onnx_mb": os.path.getsize(file) / 1e6, "latency_seconds": latency}
     return rows
 

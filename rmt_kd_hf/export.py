@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -32,7 +31,7 @@ QUANTIZED_FILENAME = "model_quantized.onnx"
 EXPORT_INFO_FILENAME = "rmt_kd_export.json"
 ONNX_EXTRA = "pip install 'rmt-kd-hf[onnx]'"
 DEFAULT_OPSET = 18
-# model_type -> input kind; the families whose graphs export_onnx has been tested on
+# the model types whose graphs export_onnx has been tested on, by input kind
 TEXT_MODEL_TYPES = ("bert", "rmt_bert")
 IMAGE_MODEL_TYPES = ("resnet", "rmt_resnet")
 # architecture suffix -> (Auto class, ONNX output names)
@@ -51,8 +50,6 @@ _TOKENIZER_FILES = (
 )
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json",)
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-
-logger = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -104,16 +101,13 @@ def require_onnx_extra() -> None:
 
 
 def _read_config(model_dir: str) -> dict:
-    if not os.path.isdir(model_dir):
-        raise ExportError(f"{model_dir!r} is not a directory: pass a folder written by save_pretrained.")
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ExportError(f"{model_dir} has no config.json, so it is not a saved model: pass a save_pretrained folder.")
+    """``config.json`` of a complete safetensors checkpoint (``check_checkpoint``'s checks, as an ExportError)."""
     try:
-        with open(path) as file:
-            return json.load(file)
-    except json.JSONDecodeError as error:
-        raise ExportError(f"{path} is not valid JSON ({error}): save the model again.") from None
+        check_checkpoint(model_dir)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    with open(os.path.join(model_dir, "config.json")) as file:
+        return json.load(file)
 
 
 def _auto_class_and_outputs(config: Mapping) -> tuple[str, tuple[str, ...]]:
@@ -135,7 +129,6 @@ def _auto_class_and_outputs(config: Mapping) -> tuple[str, tuple[str, ...]]:
 def _load_model(model_dir: str, auto_class: str, trust_remote_code: bool):
     import transformers
 
-    check_checkpoint(model_dir)
     model = getattr(transformers, auto_class).from_pretrained(
         model_dir, use_safetensors=True, trust_remote_code=trust_remote_code
     )
@@ -295,15 +288,13 @@ def quantize_int8(
     return {**asdict(settings), "keep_float": list(settings.keep_float), "fp32_weight_products": len(excluded)}
 
 
-def _copy_processor_files(model_dir: str, destination: str, model_type: str) -> list[str]:
+def _copy_processor_files(model_dir: str, destination: str, model_type: str) -> None:
+    """The tokenizer files (or the image processor's) that ``model_dir`` has."""
     names = _IMAGE_PROCESSOR_FILES if model_type in IMAGE_MODEL_TYPES else _TOKENIZER_FILES
-    copied = []
     for name in names:
         source = os.path.join(model_dir, name)
         if os.path.isfile(source):
             shutil.copy2(source, os.path.join(destination, name))
-            copied.append(name)
-    return copied
 
 
 def export_onnx(
@@ -347,25 +338,29 @@ def export_onnx(
         trial = model(**example_inputs(model, 1, 32), return_dict=True)
     output_names = tuple(name for name in output_names if trial.get(name) is not None)  # a base model's pooler
     with staged_directory(output_dir) as staging:
-        exported = _export_into(model, model_dir, staging, config, output_names, opset, tolerance)
+        input_names, difference = _export_into(model, model_dir, staging, config, output_names, opset, tolerance)
         int8_info = None
         if quantize == "int8":
-            quantized_path = os.path.join(staging, QUANTIZED_FILENAME)
-            int8_info = quantize_int8(exported.onnx_path, quantized_path, int8 or Int8Settings())
+            onnx_path, quantized_path = (os.path.join(staging, name) for name in (ONNX_FILENAME, QUANTIZED_FILENAME))
+            int8_info = quantize_int8(onnx_path, quantized_path, int8 or Int8Settings())
         with open(os.path.join(staging, EXPORT_INFO_FILENAME), "w") as file:
-            json.dump({"opset": opset, "max_abs_difference": exported.max_abs_difference, "int8": int8_info}, file)
+            json.dump({"opset": opset, "max_abs_difference": difference, "int8": int8_info}, file)
     return ExportedModel(
         output_dir=output_dir,
         onnx_path=os.path.join(output_dir, ONNX_FILENAME),
         quantized_path=os.path.join(output_dir, QUANTIZED_FILENAME) if quantize else None,
-        input_names=exported.input_names,
-        output_names=exported.output_names,
-        max_abs_difference=exported.max_abs_difference,
+        input_names=input_names,
+        output_names=list(output_names),
+        max_abs_difference=difference,
         int8=int8_info,
     )
 
 
-def _export_into(model, model_dir: str, staging: str, config: Mapping, output_names, opset: int, tolerance: float):
+def _export_into(
+    model, model_dir: str, staging: str, config: Mapping, output_names, opset: int, tolerance: float
+) -> tuple[list[str], float]:
+    """Write ``model.onnx`` (checked against PyTorch), the served ``config.json`` and the processor files into
+    ``staging``; returns the graph's input names and its largest output difference from PyTorch."""
     inputs = example_inputs(model)
     onnx_path = os.path.join(staging, ONNX_FILENAME)
     try:
@@ -395,7 +390,7 @@ def _export_into(model, model_dir: str, staging: str, config: Mapping, output_na
     with open(os.path.join(staging, "config.json"), "w") as file:
         json.dump(served_config, file, indent=2)
     _copy_processor_files(model_dir, staging, config["model_type"])
-    return ExportedModel(staging, onnx_path, None, list(inputs), list(output_names), difference)
+    return list(inputs), difference
 
 
 def ort_latency(session, inputs: Mapping[str, torch.Tensor | np.ndarray], repeats: int = 20, warmup: int = 3) -> float:
