@@ -5,12 +5,19 @@ safetensors and JSON (nothing is ever unpickled), checked before use so that a d
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 import numpy as np
 import torch
@@ -21,6 +28,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .compression import CompressionReport
 
 REPORT_FILENAME = "rmt_kd_report.json"
+# SHA-256 of every weights file, written last by every save: its presence marks the save complete
+MANIFEST_FILENAME = "rmt_kd_manifest.json"
+LOCK_FILENAME = ".rmt_kd.lock"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
@@ -82,11 +92,75 @@ def refuse_teacher_folder(
     )
 
 
+def refuse_finished_output(output_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Raise a ``ValueError`` when ``output_dir`` already holds a saved model (a ``config.json``) and ``overwrite``
+    is off: a new run would replace it."""
+    if not overwrite and os.path.exists(os.path.join(os.fspath(output_dir), "config.json")):
+        raise ValueError(
+            f"output_dir {os.fspath(output_dir)} already holds a saved model: choose a new output_dir, or pass "
+            "overwrite_output_dir to replace it (or resume_from_checkpoint to continue its run)."
+        )
+
+
+class OutputFolderBusyError(RuntimeError):
+    """Another run holds the output folder's lock."""
+
+
+_held_locks: dict[str, int] = {}  # real path of output_dir -> depth: re-entrant within one process
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``output_dir`` (``.rmt_kd.lock`` inside it) while the block runs, so that a second
+    run into the same folder fails at once instead of mixing its files with this one's. The operating system
+    releases the lock when the process dies, however it dies. Re-entrant within one process."""
+    output_dir = os.path.realpath(os.fspath(output_dir))
+    if output_dir in _held_locks or fcntl is None:
+        _held_locks[output_dir] = _held_locks.get(output_dir, 0) + 1
+        try:
+            yield
+        finally:
+            _held_locks[output_dir] -= 1
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_FILENAME)
+    with _locked_file(path):
+        _held_locks[output_dir] = 0
+        try:
+            yield
+        finally:
+            del _held_locks[output_dir]
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+@contextlib.contextmanager
+def _locked_file(path: str) -> Iterator[None]:
+    while True:
+        with open(path, "a") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputFolderBusyError(
+                    f"Another run is writing into {os.path.dirname(path)} (it holds {LOCK_FILENAME}): wait for it "
+                    "to end, or choose another output_dir."
+                ) from None
+            # the previous holder may have removed the file between our open and our lock: retry on the new one
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+                file.write(f"{os.getpid()}\n")
+                file.flush()
+                yield
+                return
+
+
 @contextlib.contextmanager
 def staged_directory(output_dir: str, merge_into_existing: bool = False) -> Iterator[str]:
-    """A temporary sibling of ``output_dir`` to write into. On success it replaces ``output_dir`` (with
-    ``merge_into_existing``, its files are moved into an existing ``output_dir``, ``config.json`` last); on failure
-    it is deleted and ``output_dir`` is left as it was."""
+    """A temporary sibling of ``output_dir`` to write into. On success the manifest of its weights is added and it
+    replaces ``output_dir``; on failure it is deleted and ``output_dir`` is left as it was.
+
+    With ``merge_into_existing``, its files are moved into an existing ``output_dir`` instead: first the old
+    manifest and ``config.json`` go, then the new files, ``config.json`` and the manifest last. Killed at any point,
+    the folder holds the old model, the new one, or no ``config.json`` (refused as incomplete), never a mix."""
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     if not os.access(parent, os.W_OK):
@@ -94,25 +168,92 @@ def staged_directory(output_dir: str, merge_into_existing: bool = False) -> Iter
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
     try:
         yield staging
+        write_manifest(staging)
         if merge_into_existing and os.path.isdir(output_dir):
-            _move_files_config_last(staging, output_dir)
+            _merge_files(staging, output_dir)
             os.rmdir(staging)
         else:
             if os.path.exists(output_dir):
                 shutil.rmtree(output_dir)
             os.replace(staging, output_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        os_error = _os_error_of(error, output_dir)
+        if os_error is not None:
+            raise os_error from error
         raise
 
 
-def _move_files_config_last(source: str, destination: str) -> None:
-    names = sorted(os.listdir(source), key=lambda name: name == "config.json")
-    for name in names:
+def _os_error_of(error: BaseException, path: str) -> OSError | None:
+    """safetensors reports a full disk as ``SafetensorError("... (os error 28)")``: the ``OSError`` it stands for."""
+    match = re.search(r"\(os error (\d+)\)", str(error)) if isinstance(error, SafetensorError) else None
+    if match is None:
+        return None
+    number = int(match.group(1))
+    return OSError(number, os.strerror(number), path)
+
+
+def _merge_files(source: str, destination: str) -> None:
+    for name in (MANIFEST_FILENAME, "config.json"):  # the old model stops looking complete first
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(destination, name))
+    last = {"config.json": 1, MANIFEST_FILENAME: 2}
+    for name in sorted(os.listdir(source), key=lambda name: last.get(name, 0)):
         target = os.path.join(destination, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
         os.replace(os.path.join(source, name), target)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike) -> None:
+    """Write ``rmt_kd_manifest.json``: the size and SHA-256 of every ``*.safetensors`` file in ``directory``
+    (nothing when there is none)."""
+    directory = os.fspath(directory)
+    weights = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
+    if not weights:
+        return
+    files = {
+        name: {
+            "bytes": os.path.getsize(os.path.join(directory, name)),
+            "sha256": _sha256(os.path.join(directory, name)),
+        }
+        for name in weights
+    }
+    with open(os.path.join(directory, MANIFEST_FILENAME), "w") as file:
+        json.dump({"manifest_version": 1, "files": files}, file, indent=2)
+
+
+def _verify_manifest(directory: str, weights: list[str]) -> None:
+    """Every weights file the manifest lists is present, of its size and SHA-256; no other weights file."""
+    path = os.path.join(directory, MANIFEST_FILENAME)
+    try:
+        with open(path) as file:
+            files = json.load(file)["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is corrupted ({error!r}): save the model again.") from None
+    missing = sorted(set(files) - set(weights))
+    unlisted = sorted(set(weights) - set(files))
+    if missing or unlisted:
+        problem = f"{', '.join(missing)} missing" if missing else f"{', '.join(unlisted)} not part of the save"
+        raise ValueError(
+            f"Checkpoint {directory}: {problem} (see {MANIFEST_FILENAME}). Copy the whole folder the save wrote, "
+            "or resume from an earlier checkpoint."
+        )
+    for name, expected in files.items():
+        file_path = os.path.join(directory, name)
+        if os.path.getsize(file_path) != expected["bytes"] or _sha256(file_path) != expected["sha256"]:
+            raise ValueError(
+                f"{file_path} does not match its SHA-256 in {MANIFEST_FILENAME}: the file was changed or damaged "
+                "after it was saved. Re-download it, or resume from an earlier checkpoint."
+            )
 
 
 def write_json_atomic(path: str | os.PathLike, payload: object) -> None:
@@ -133,8 +274,9 @@ def check_checkpoint(directory: str | os.PathLike) -> list[str]:
     """Check that ``directory`` holds a complete safetensors checkpoint, before anything loads it.
 
     Raises a ``ValueError`` naming the problem and the fix for: a missing directory or ``config.json``, a
-    ``config.json`` that is not JSON, weights only in pickle formats (never loaded: they can run code), and a
-    truncated or corrupted ``*.safetensors`` file.
+    ``config.json`` that is not JSON, weights only in pickle formats (never loaded: they can run code), a
+    truncated or corrupted ``*.safetensors`` file, and (where a save of this package wrote
+    ``rmt_kd_manifest.json``) a weights file missing or whose SHA-256 differs from the manifest's.
 
     Returns:
         The safetensors file names, sorted.
@@ -172,6 +314,8 @@ def check_checkpoint(directory: str | os.PathLike) -> list[str]:
             raise ValueError(
                 f"{path} is truncated or corrupted ({error}). Re-download it, or resume from an earlier checkpoint."
             ) from None
+    if MANIFEST_FILENAME in names:  # after the structural checks, whose messages say more
+        _verify_manifest(directory, weights)
     return weights
 
 
@@ -185,14 +329,66 @@ def _check_safetensors_length(path: str) -> None:
         raise ValueError(f"expected {8 + header_size + data_end} bytes, found {os.path.getsize(path)}")
 
 
-def load_checkpoint(model_class: type[PreTrainedModel], directory: str | os.PathLike, **kwargs) -> PreTrainedModel:
-    """``model_class.from_pretrained(directory)`` after :func:`check_checkpoint`, safetensors only.
+def load_checkpoint(
+    model_class: type[PreTrainedModel],
+    name_or_path: str | os.PathLike,
+    allow_new_head: bool = False,
+    output_loading_info: bool = False,
+    **kwargs,
+) -> PreTrainedModel | tuple[PreTrainedModel, list[str]]:
+    """``model_class.from_pretrained(name_or_path)``, safetensors only, after :func:`check_checkpoint` (local
+    folders), refusing a checkpoint that lacks a tensor the model needs or whose shapes differ from its config:
+    transformers would fill those with random values and only log it.
+
+    Args:
+        model_class: a ``PreTrainedModel`` class or an ``AutoModel…`` class.
+        name_or_path: a local folder or a hub id.
+        allow_new_head: accept a task head (the keys outside the base model, and the pooler) that is missing or
+            of another number of labels, initialised anew: the teacher whose classifier is about to be trained.
+        output_loading_info: also return the names of the head tensors initialised anew.
+        kwargs: passed to ``from_pretrained``.
 
     Parameters are copied out of the memory-mapped file: with mapped storage, float32 matrix products round
     differently (~1e-6), and a resumed run must compute exactly what an uninterrupted one would.
     """
-    check_checkpoint(directory)
-    return copy_out_of_file(model_class.from_pretrained(os.fspath(directory), use_safetensors=True, **kwargs))
+    name_or_path = os.fspath(name_or_path)
+    if os.path.isdir(name_or_path):
+        check_checkpoint(name_or_path)
+    model, info = model_class.from_pretrained(
+        name_or_path, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+    )
+    prefix, has_head = getattr(model, "base_model_prefix", ""), model.base_model is not model
+
+    def new_head(key: str) -> bool:
+        return allow_new_head and has_head and (not key.startswith(f"{prefix}.") or ".pooler." in key)
+
+    mismatched = sorted(
+        f"{key} {tuple(saved)} vs {tuple(expected)}"
+        for key, saved, expected in info["mismatched_keys"]
+        if not new_head(key)
+    )
+    if mismatched:
+        raise ValueError(
+            f"{name_or_path}: {len(mismatched)} tensors do not have the shapes its config.json gives "
+            f"({first_names(mismatched, 2)}): the weights and config.json come from different saves. "
+            "Save the model again, or copy the whole folder one save wrote."
+        )
+    missing = [key for key in sorted(info["missing_keys"]) if not new_head(key)]
+    if missing:
+        raise ValueError(
+            f"{name_or_path} lacks {len(missing)} tensors {type(model).__name__} needs ({first_names(missing)}): "
+            "they would be random. Copy the complete checkpoint, or load it with the class it was saved from."
+        )
+    model = copy_out_of_file(model)
+    if not output_loading_info:
+        return model
+    initialised = sorted({*info["missing_keys"], *(key for key, _, _ in info["mismatched_keys"])})
+    return model, initialised
+
+
+def first_names(names: list[str], limit: int = 3) -> str:
+    """The first ``limit`` of ``names``, comma-separated, with ``...`` when there are more (for error messages)."""
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def non_finite_tensors(model: torch.nn.Module) -> list[str]:
@@ -294,14 +490,19 @@ def _merge_tensors(plain, tensors: dict[str, torch.Tensor]):
 
 
 __all__ = [
+    "MANIFEST_FILENAME",
+    "OutputFolderBusyError",
     "REPORT_FILENAME",
     "check_checkpoint",
     "copy_out_of_file",
     "load_checkpoint",
     "load_state_dict_file",
     "load_rng_state",
+    "output_lock",
+    "refuse_finished_output",
     "save_compressed",
     "save_state_dict_file",
     "save_rng_state",
     "write_json_atomic",
+    "write_manifest",
 ]

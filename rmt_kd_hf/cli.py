@@ -4,17 +4,23 @@
 * ``rmt-kd bench TEACHER COMPRESSED [--onnx]``: parameters, disk and CPU latency of both, measured in one run
   (with ``--onnx``, also through ONNX Runtime in fp32 and int8);
 * ``rmt-kd export MODEL_DIR --output DIR [--quantize int8]``: ONNX (and int8) in optimum's folder layout.
+
+A user error or a fault of the environment (a bad option, a damaged checkpoint, a full disk) ends in one line on
+stderr naming the problem and the fix, with exit status 2; ``--debug`` (or ``RMT_KD_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 
+from .checkpoint import OutputFolderBusyError, load_checkpoint
 from .export import DEFAULT_OPSET, Int8Settings, export_onnx, ort_latency, ort_session
 from .spectral_report import POOR_FIT_KS_DISTANCE, SPECTRA_FILENAME, spectral_report
 from .surgery import get_surgery
@@ -87,7 +93,10 @@ def evaluate_split(trainer, split: str, dataset=None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rmt-kd", description="RMT-KD tools for Hugging Face models.")
+    parser = argparse.ArgumentParser(
+        prog="rmt-kd",
+        description="RMT-KD tools for Hugging Face models. Errors print one line; --debug shows the traceback.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "compress",
@@ -200,7 +209,7 @@ def run_report(args: argparse.Namespace) -> dict:
         from transformers import AutoModel, AutoTokenizer  # RMTBert is registered: this imports rmt_kd_hf
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        source = AutoModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
+        source = load_checkpoint(AutoModel, args.model, trust_remote_code=args.trust_remote_code).eval()
         dataloader = _calibration_dataloader(args, tokenizer)
     return spectral_report(
         source,
@@ -226,8 +235,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     auto_class = getattr(transformers, args.auto_class, None)
     if auto_class is None or not args.auto_class.startswith("AutoModel"):
         raise ValueError(f"--auto_class {args.auto_class!r} is not a transformers AutoModel class.")
-    models = {
-        name: auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code).eval()
+    models = {  # a head initialised anew is timed like a trained one
+        name: load_checkpoint(auto_class, path, allow_new_head=True, trust_remote_code=args.trust_remote_code).eval()
         for name, path in (("teacher", args.teacher), ("compressed", args.compressed))
     }
     result = {"sequence_length": args.sequence_length, "threads": torch.get_num_threads()}
@@ -311,39 +320,72 @@ def run_export(args: argparse.Namespace):
     )
 
 
-def run_compress(argv: list[str]) -> int:
+def run_compress(argv: list[str]) -> dict:
     """``rmt-kd compress``: the arguments of ``examples/text-classification/run_glue.py``."""
     from .text_classification import run
 
-    try:
-        results = run(argv, prog="rmt-kd compress")
-    except (FileNotFoundError, ValueError, PermissionError, OSError) as error:
-        print(f"rmt-kd compress: error: {error}", file=sys.stderr)
-        return 2
-    for key, value in sorted(results.items()):
-        print(f"{key}: {value}")
-    return 0
+    return run(argv, prog="rmt-kd compress")
+
+
+# Errors that come from the user's input or the environment: reported in one line. Anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, OutputFolderBusyError)
+
+
+def error_line(error: BaseException) -> str:
+    """One line naming the problem (and, where the error does not already, the fix)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" while writing {error.filename}" if error.filename else ""
+        return f"no space left on the disk{where}: free some space, or choose an output folder on another disk."
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    message = " ".join(str(error).split()) or type(error).__name__
+    return message if isinstance(error, (ValueError, OutputFolderBusyError)) else f"{type(error).__name__}: {message}"
+
+
+def _pop_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove a bare ``--debug`` from ``argv``; ``--debug VALUE`` is left to TrainingArguments' own ``debug``."""
+    debug = os.environ.get("RMT_KD_DEBUG", "") not in ("", "0")
+    kept = []
+    for index, argument in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else "--"
+        if argument == "--debug" and following.startswith("--"):
+            debug = True
+        else:
+            kept.append(argument)
+    return kept, debug
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rmt-kd``; returns the process exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["compress"]:  # its options come from dataclasses (HfArgumentParser), as in run_glue.py
-        return run_compress(argv[1:])
-    args = build_parser().parse_args(argv)
-    commands = {"report": run_report, "bench": run_bench, "export": run_export}
+    argv, debug = _pop_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    command = argv[0] if argv else None
     try:
-        payload = commands[args.command](args)
-    except (FileNotFoundError, ValueError, ImportError, OSError) as error:
-        print(f"rmt-kd {args.command}: error: {error}", file=sys.stderr)
+        if command == "compress":  # its options come from dataclasses (HfArgumentParser), as in run_glue.py
+            payload = run_compress(argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            commands = {"report": run_report, "bench": run_bench, "export": run_export}
+            payload = commands[command](args)
+    except USER_ERRORS as error:
+        if debug:
+            traceback.print_exc()
+        print(f"rmt-kd {command}: error: {error_line(error)}", file=sys.stderr)
         return 2
-    if args.command == "export":
+    if command == "compress":
+        for key, value in sorted(payload.items()):
+            print(f"{key}: {value}")
+    elif command == "export":
         written = ", ".join(sorted(os.listdir(payload.output_dir)))
         print(f"{payload.output_dir}: {written} (fp32: max |ONNX - PyTorch| = {payload.max_abs_difference:.2g})")
-        return 0
-    if args.command == "bench":
+    elif command == "bench":
         _print_bench(payload)
-        return 0
+    else:
+        _print_report(payload, args)
+    return 0
+
+
+def _print_report(payload: dict, args: argparse.Namespace) -> None:
     poor = [f"{site['group']}/{site['site']}" for site in payload["sites"] if site["fit_quality"] == "poor"]
     print(f"{len(payload['sites'])} sites -> {os.path.abspath(args.output_dir)}")
     for site in payload["sites"]:
@@ -356,7 +398,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"RMT-KD would keep {preview['num_parameters_if_compressed']} of {preview['num_parameters']} parameters")
     if poor:
         print(f"poor Marchenko–Pastur fit (KS > {args.ks_warning_threshold}) at: {', '.join(poor)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ class RMTKDConfig(TrainingArguments):
         measure_latency (`bool`, defaults to `True`):
             At the end of `compress()`, time the teacher and the result on the CPU at batch 1 and 32
             (`latency_sequence_length` tokens) and record both in the history and the model card.
+        overwrite_output_dir (`bool`, defaults to `False`):
+            Replace the model already saved in `output_dir` (a `config.json` there). Without it such a folder is
+            refused, unless the run resumes (`resume_from_checkpoint`).
     """
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "sigma_quantile_shifts"]
@@ -144,6 +147,9 @@ class RMTKDConfig(TrainingArguments):
     )
     measure_latency: bool = field(
         default=True, metadata={"help": "Time teacher and result on the CPU (batch 1 and 32) for the history."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a model already saved in output_dir (refused otherwise)."}
     )
     latency_batch_size: int = field(default=1, metadata={"help": "Batch size of the latency stop rule."})
     latency_sequence_length: int = field(

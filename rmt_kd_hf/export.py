@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .checkpoint import check_checkpoint, copy_out_of_file, staged_directory
+from .checkpoint import check_checkpoint, load_checkpoint, staged_directory
 from .reports import median_seconds
 
 ONNX_FILENAME = "model.onnx"
@@ -129,10 +129,11 @@ def _auto_class_and_outputs(config: Mapping) -> tuple[str, tuple[str, ...]]:
 def _load_model(model_dir: str, auto_class: str, trust_remote_code: bool):
     import transformers
 
-    model = getattr(transformers, auto_class).from_pretrained(
-        model_dir, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    return copy_out_of_file(model).eval()
+    try:
+        model = load_checkpoint(getattr(transformers, auto_class), model_dir, trust_remote_code=trust_remote_code)
+    except ValueError as error:  # a missing tensor, shapes that differ from config.json
+        raise ExportError(str(error)) from None
+    return model.eval()
 
 
 def example_inputs(model, batch_size: int = 2, length: int = 16, padded_rows: int = 1) -> dict[str, torch.Tensor]:
@@ -366,7 +367,7 @@ def _export_into(
     try:
         with torch.no_grad():  # the inference path (fused QKV) is the one exported
             program = torch.onnx.export(
-                _OutputSelector(model, output_names),
+                _OutputSelector(model, output_names).eval(),
                 (),
                 kwargs=dict(inputs),
                 dynamo=True,

@@ -11,7 +11,9 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import resources
 
@@ -74,8 +76,11 @@ def load_history(directory: str | os.PathLike) -> dict:
 
 
 def final_metric(history: Mapping) -> float:
-    """The compressed model's validation metric: the last accepted stage's, or the teacher's if none was."""
+    """The compressed model's validation metric: the saved folder's, scored with its saved tokenizer, where the run
+    recorded it (``rmt-kd compress``); otherwise the last accepted stage's, or the teacher's if none was."""
     key = f"eval_{history['config']['compression_metric']}"
+    if key in history.get("final", {}):
+        return float(history["final"][key])
     accepted = [stage for stage in history["stages"] if stage["status"] == "accepted"]
     return float(accepted[-1][key] if accepted else history["teacher"][key])
 
@@ -249,13 +254,15 @@ def build_model_card(
     )
 
 
-def write_spectrum_plots(directory: str | os.PathLike) -> str | None:
-    """Render ``rmt_kd_spectra.json`` of ``directory`` into ``directory/spectra/`` (per-site PNGs + overview).
+def write_spectrum_plots(directory: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> str | None:
+    """Render ``rmt_kd_spectra.json`` of ``directory`` into ``spectra/`` (per-site PNGs + overview) of
+    ``output_dir`` (default: ``directory``).
 
     Returns:
-        The overview's path relative to ``directory``, or None without spectra or without matplotlib.
+        The overview's path relative to ``output_dir``, or None without spectra or without matplotlib.
     """
     directory = os.fspath(directory)
+    output_dir = directory if output_dir is None else os.fspath(output_dir)
     if not os.path.exists(os.path.join(directory, SPECTRA_FILENAME)):
         return None
     try:
@@ -266,11 +273,11 @@ def write_spectrum_plots(directory: str | os.PathLike) -> str | None:
         logger.warning("The model card gets no spectrum plots: %s", error)
         return None
     spectra = load_spectra(os.path.join(directory, SPECTRA_FILENAME))
-    os.makedirs(os.path.join(directory, PLOTS_DIRNAME), exist_ok=True)
+    os.makedirs(os.path.join(output_dir, PLOTS_DIRNAME), exist_ok=True)
     for spectrum in spectra:
-        plot_site(spectrum, os.path.join(directory, PLOTS_DIRNAME, f"{spectrum.group}_{spectrum.name}.png"), pyplot)
+        plot_site(spectrum, os.path.join(output_dir, PLOTS_DIRNAME, f"{spectrum.group}_{spectrum.name}.png"), pyplot)
     overview = f"{PLOTS_DIRNAME}/overview.png"
-    plot_overview(spectra, os.path.join(directory, overview), pyplot)
+    plot_overview(spectra, os.path.join(output_dir, overview), pyplot)
     return overview
 
 
@@ -296,14 +303,21 @@ def write_model_card(directory: str | os.PathLike, *, plots: bool = True, **card
     if "architecture" not in card_kwargs and os.path.exists(config_path):
         with open(config_path) as file:
             card_kwargs["architecture"] = (json.load(file).get("architectures") or [None])[0]
-    overview = write_spectrum_plots(directory) if plots else None
-    card = build_model_card(
-        history,
-        overview_plot=overview,
-        has_spectra=os.path.exists(os.path.join(directory, SPECTRA_FILENAME)),
-        **card_kwargs,
-    )
-    card.save(os.path.join(directory, "README.md"))
+    # all or nothing: the card and its plots are rendered aside, then moved in (a full disk leaves no half card)
+    with tempfile.TemporaryDirectory(prefix=".model-card-", dir=directory) as staging:
+        overview = write_spectrum_plots(directory, staging) if plots else None
+        card = build_model_card(
+            history,
+            overview_plot=overview,
+            has_spectra=os.path.exists(os.path.join(directory, SPECTRA_FILENAME)),
+            **card_kwargs,
+        )
+        card.save(os.path.join(staging, "README.md"))
+        for name in sorted(os.listdir(staging), key=lambda name: name == "README.md"):
+            target = os.path.join(directory, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
     return card
 
 

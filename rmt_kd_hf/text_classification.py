@@ -10,12 +10,13 @@ Shaped like transformers' ``examples/pytorch/text-classification/run_glue.py``; 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -25,25 +26,21 @@ from transformers import (
     set_seed,
 )
 
-from .checkpoint import check_checkpoint, copy_out_of_file, refuse_teacher_folder
+from .checkpoint import (
+    check_checkpoint,
+    load_checkpoint,
+    output_lock,
+    refuse_finished_output,
+    refuse_teacher_folder,
+    write_json_atomic,
+)
 from .cli import evaluate_split, parse_dataclass_arguments, setup_logging, train_teacher
 from .config import RMTKDConfig
 from .metrics import load_glue_metric
-from .trainer import RMTKDTrainer
+from .text_data import DataTrainingArguments, label_setup, load_raw_datasets, sentence_keys
+from .trainer import HISTORY_FILENAME, RMTKDTrainer
 
 logger = logging.getLogger(__name__)
-
-TASK_TO_KEYS = {
-    "cola": ("sentence", None),
-    "mnli": ("premise", "hypothesis"),
-    "mrpc": ("sentence1", "sentence2"),
-    "qnli": ("question", "sentence"),
-    "qqp": ("question1", "question2"),
-    "rte": ("sentence1", "sentence2"),
-    "sst2": ("sentence", None),
-    "stsb": ("sentence1", "sentence2"),
-    "wnli": ("sentence1", "sentence2"),
-}
 
 
 @dataclass
@@ -66,66 +63,9 @@ class ModelArguments:
     )
 
 
-@dataclass
-class DataTrainingArguments:
-    task_name: str | None = field(
-        default=None, metadata={"help": f"A GLUE task from the hub: {', '.join(TASK_TO_KEYS)}."}
-    )
-    train_file: str | None = field(default=None, metadata={"help": "csv/json with sentence(s) and label."})
-    validation_file: str | None = field(default=None, metadata={"help": "csv/json validation file."})
-    test_file: str | None = field(default=None, metadata={"help": "csv/json test file (labels give test metrics)."})
-    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
-    max_predict_samples: int | None = field(default=None, metadata={"help": "Truncate the test set."})
-
-    def __post_init__(self):
-        if self.task_name is not None:
-            self.task_name = self.task_name.lower()
-            if self.task_name not in TASK_TO_KEYS:
-                raise ValueError(f"Unknown task {self.task_name!r}; choose one of {', '.join(TASK_TO_KEYS)}.")
-        elif self.train_file is None or self.validation_file is None:
-            raise ValueError("Pass --task_name, or --train_file and --validation_file (csv or json).")
-        for path in (self.train_file, self.validation_file, self.test_file):
-            if path is not None and not path.endswith((".csv", ".json", ".jsonl")):
-                raise ValueError(f"{path}: data files must be .csv, .json or .jsonl")
-
-
 def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
     """Model, data and ``RMTKDConfig`` options; ``--help`` shows every option with its default."""
     return parse_dataclass_arguments((ModelArguments, DataTrainingArguments, RMTKDConfig), argv, prog)
-
-
-def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> DatasetDict:
-    if data_args.task_name is not None:
-        return load_dataset("nyu-mll/glue", data_args.task_name, cache_dir=cache_dir)
-    files = {"train": data_args.train_file, "validation": data_args.validation_file}
-    if data_args.test_file is not None:
-        files["test"] = data_args.test_file
-    extension = "csv" if data_args.train_file.endswith(".csv") else "json"
-    return load_dataset(extension, data_files=files, cache_dir=cache_dir)
-
-
-def sentence_keys(data_args: DataTrainingArguments, raw: DatasetDict) -> tuple[str, str | None]:
-    if data_args.task_name is not None:
-        return TASK_TO_KEYS[data_args.task_name]
-    columns = [name for name in raw["train"].column_names if name != "label"]
-    if "sentence1" in columns and "sentence2" in columns:
-        return "sentence1", "sentence2"
-    if "sentence" in columns:
-        return "sentence", None
-    raise ValueError(f"Local files need a 'sentence' or 'sentence1'+'sentence2' column and 'label'; got {columns}.")
-
-
-def label_setup(data_args: DataTrainingArguments, raw: DatasetDict) -> tuple[bool, list | None]:
-    """(is_regression, label_list or None)."""
-    if "label" not in raw["train"].column_names:
-        raise ValueError("The training data has no 'label' column.")
-    if data_args.task_name is not None:
-        is_regression = data_args.task_name == "stsb"
-        return is_regression, None if is_regression else raw["train"].features["label"].names
-    is_regression = raw["train"].features["label"].dtype in ("float32", "float64")
-    return is_regression, None if is_regression else sorted(raw["train"].unique("label"))
 
 
 def load_teacher(model_args: ModelArguments, num_labels: int, label_list, is_regression: bool):
@@ -139,29 +79,30 @@ def load_teacher(model_args: ModelArguments, num_labels: int, label_list, is_reg
         logger.info("Loading the cached fine-tuned teacher from %s", model_args.teacher_dir)
         path = model_args.teacher_dir
     if os.path.isdir(path):
-        check_checkpoint(path)  # a truncated or pickle-only checkpoint fails here, clearly
+        check_checkpoint(path)  # before AutoConfig reads it: a damaged or pickle-only checkpoint fails clearly
     config = AutoConfig.from_pretrained(path, num_labels=num_labels, cache_dir=model_args.cache_dir)
     if label_list is not None and not is_regression:
         config.label2id = {str(label): index for index, label in enumerate(label_list)}
         config.id2label = {index: str(label) for index, label in enumerate(label_list)}
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or path, cache_dir=model_args.cache_dir)
-    model, loading_info = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, cache_dir=model_args.cache_dir, output_loading_info=True, use_safetensors=True
+    model, new_head = load_checkpoint(
+        AutoModelForSequenceClassification,
+        path,
+        allow_new_head=True,
+        output_loading_info=True,
+        config=config,
+        cache_dir=model_args.cache_dir,
     )
-    needs_finetuning = any(key.startswith("classifier") for key in loading_info["missing_keys"])
-    return copy_out_of_file(model), tokenizer, needs_finetuning
+    return model, tokenizer, bool(new_head)
 
 
-def preprocess(raw: DatasetDict, tokenizer, keys, label_list, data_args, training_args) -> DatasetDict:
+def preprocess(raw: DatasetDict, tokenizer, keys, data_args, training_args) -> DatasetDict:
+    """Tokenized splits (labels are ids already: ``load_raw_datasets`` encodes them)."""
     first, second = keys
-    label_to_id = {label: index for index, label in enumerate(label_list)} if label_list is not None else None
 
     def tokenize(examples):
         texts = (examples[first],) if second is None else (examples[first], examples[second])
-        result = tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
-        if label_to_id is not None and data_args.task_name is None:
-            result["label"] = [label_to_id[label] for label in examples["label"]]
-        return result
+        return tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
 
     with training_args.main_process_first(desc="dataset map pre-processing"):
         processed = raw.map(tokenize, batched=True, desc="Running tokenizer on dataset")
@@ -192,18 +133,29 @@ def metrics_function(data_args: DataTrainingArguments, is_regression: bool):
 
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    """Parse ``argv``, fine-tune the teacher if its classifier is new, compress, evaluate; returns the metrics."""
+    """Parse ``argv``, fine-tune the teacher if its classifier is new, compress, evaluate; returns the metrics.
+
+    The reported metrics are those of the folder the run saved, with the tokenizer saved there (the run's own
+    evaluations read the teacher tokenizer's ids through a remapping collator, which can split a few words
+    differently from the trimmed tokenizer a user loads)."""
     model_args, data_args, training_args = parse_arguments(argv, prog)
     refuse_teacher_folder(training_args.output_dir, model_args.model_name_or_path)
+    if training_args.do_train and not training_args.resume_from_checkpoint:
+        refuse_finished_output(training_args.output_dir, training_args.overwrite_output_dir)
     if model_args.teacher_dir is None:
         model_args.teacher_dir = os.path.join(training_args.output_dir, "checkpoint-teacher")
     setup_logging(training_args, logger)
     set_seed(training_args.seed)
     raw = load_raw_datasets(data_args, model_args.cache_dir)
-    is_regression, label_list = label_setup(data_args, raw)
+    is_regression, label_list = label_setup(raw)
     num_labels = 1 if is_regression else len(label_list)
+    main_metric = "pearson" if is_regression else "matthews_correlation" if data_args.task_name == "cola" else None
+    if main_metric and training_args.compression_metric == "accuracy":  # the default, which this task lacks
+        logger.info("compression_metric: %s (this task reports no accuracy).", main_metric)
+        training_args.compression_metric = main_metric
     model, tokenizer, needs_finetuning = load_teacher(model_args, num_labels, label_list, is_regression)
-    processed = preprocess(raw, tokenizer, sentence_keys(data_args, raw), label_list, data_args, training_args)
+    keys = sentence_keys(data_args, raw)
+    processed = preprocess(raw, tokenizer, keys, data_args, training_args)
     eval_split = "validation_matched" if data_args.task_name == "mnli" else "validation"
     trainer = RMTKDTrainer(
         model=model,
@@ -215,23 +167,51 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
         compute_metrics=metrics_function(data_args, is_regression),
     )
     results = {}
-    if training_args.do_train:
-        if needs_finetuning:
-            logger.info("The classifier is new: fine-tuning the teacher first.")
-            train_teacher(trainer, model_args.teacher_dir, model_args.teacher_learning_rate)
-        trainer.compress()
-    if training_args.do_eval:
-        results.update(evaluate_split(trainer, "eval"))
-    if training_args.do_predict and "test" in processed:
-        test = processed["test"]
-        if "label" in test.column_names and min(test["label"]) >= 0:
-            results.update(evaluate_split(trainer, "test", test))
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification"}
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)  # writes the model card too
-    elif training_args.do_train:
-        trainer.create_model_card(**card)  # as run_glue.py does when it does not push
+    lock = output_lock(training_args.output_dir) if training_args.do_train and training_args.should_save else None
+    with lock or contextlib.nullcontext():
+        if training_args.do_train:
+            if needs_finetuning:
+                logger.info("The classifier is new: fine-tuning the teacher first.")
+                train_teacher(trainer, model_args.teacher_dir, model_args.teacher_learning_rate)
+            trainer.compress()
+            processed = score_the_saved_folder(trainer, raw, keys, data_args)
+        if training_args.do_eval:
+            results.update(evaluate_split(trainer, "eval", processed[eval_split]))
+            if training_args.do_train:
+                record_final_metric(trainer, results)
+        if training_args.do_predict and "test" in processed:
+            test = processed["test"]
+            if "label" in test.column_names and min(test["label"]) >= 0:
+                results.update(evaluate_split(trainer, "test", test))
+        card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification"}
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**card)  # writes the model card too
+        elif training_args.do_train:
+            trainer.create_model_card(**card)  # as run_glue.py does when it does not push
     return results
+
+
+def record_final_metric(trainer: RMTKDTrainer, metrics: dict) -> None:
+    """Write the saved folder's validation metric into its ``rmt_kd_history.json`` (``final``), where the model
+    card reads it."""
+    key = f"eval_{trainer.args.compression_metric}"
+    path = os.path.join(trainer.args.output_dir, HISTORY_FILENAME)
+    if key not in metrics or not trainer.is_world_process_zero() or not os.path.exists(path):
+        return
+    trainer.compression_history.setdefault("final", {})[key] = metrics[key]
+    write_json_atomic(path, trainer.compression_history)
+
+
+def score_the_saved_folder(trainer: RMTKDTrainer, raw: DatasetDict, keys, data_args) -> DatasetDict:
+    """Point ``trainer`` at the model and tokenizer ``compress()`` saved in ``output_dir``, read back from disk,
+    and return the datasets tokenized by that tokenizer: what the run then evaluates is what a user loads."""
+    output_dir = trainer.args.output_dir
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    model = load_checkpoint(AutoModelForSequenceClassification, output_dir).to(trainer.args.device)
+    trainer.model = trainer.model_wrapped = model
+    trainer.processing_class = trainer.callback_handler.processing_class = tokenizer
+    trainer.data_collator = DataCollatorWithPadding(tokenizer)
+    return preprocess(raw, tokenizer, keys, data_args, trainer.args)
 
 
 __all__ = ["DataTrainingArguments", "ModelArguments", "parse_arguments", "run"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -23,10 +24,13 @@ from transformers.utils import logging
 
 from .calibration import collect_covariances
 from .checkpoint import (
+    first_names,
     load_checkpoint,
     load_rng_state,
     load_state_dict_file,
     non_finite_tensors,
+    output_lock,
+    refuse_finished_output,
     refuse_teacher_folder,
     save_compressed,
     save_rng_state,
@@ -272,6 +276,11 @@ class RMTKDTrainer(Trainer):
             resume_from_checkpoint: a stage checkpoint directory, or ``True`` for the latest one in ``output_dir``;
                 defaults to ``args.resume_from_checkpoint``. The teacher passed to the trainer must be the one the
                 run started from.
+
+        Raises:
+            ValueError: bad input (checked before any work), or an ``output_dir`` that already holds a saved model
+                while neither ``overwrite_output_dir`` nor a resume is asked for.
+            OutputFolderBusyError: another run holds ``output_dir`` (its ``.rmt_kd.lock``).
         """
         args = self.args
         if self.train_dataset is None or self.eval_dataset is None:
@@ -279,11 +288,19 @@ class RMTKDTrainer(Trainer):
         if resume_from_checkpoint is None:
             resume_from_checkpoint = args.resume_from_checkpoint
         self._check_inputs()
+        checkpoint = self._stage_checkpoint_to_resume(resume_from_checkpoint) if resume_from_checkpoint else None
+        if checkpoint is None:
+            refuse_finished_output(args.output_dir, args.overwrite_output_dir)
+        lock = output_lock(args.output_dir) if args.should_save else contextlib.nullcontext()
+        with lock:
+            return self._compress(checkpoint)
+
+    def _compress(self, checkpoint: str | None) -> nn.Module:
+        args = self.args
         surgery = get_surgery(self.model, **args.surgery_options())
         teacher = self.model
         teacher_fingerprint = model_fingerprint(teacher)
         prepared = surgery.prepare(teacher)
-        checkpoint = self._stage_checkpoint_to_resume(resume_from_checkpoint) if resume_from_checkpoint else None
         if checkpoint is not None:
             history, first_stage = self._resume_state(checkpoint, teacher_fingerprint)
             self.model = self.model_wrapped = load_checkpoint(type(prepared), checkpoint).to(args.device)
@@ -434,7 +451,7 @@ class RMTKDTrainer(Trainer):
         broken = non_finite_tensors(self.model)
         if broken:
             raise ValueError(
-                f"The teacher has non-finite weights ({_first_names(broken)}): "
+                f"The teacher has non-finite weights ({first_names(broken)}): "
                 "reload or retrain it; RMT-KD cannot compress a model that computes NaN."
             )
         vocab_size = getattr(self.model.config, "vocab_size", None)
@@ -443,6 +460,12 @@ class RMTKDTrainer(Trainer):
             raise ValueError(
                 f"The tokenizer has {tokenizer_size} tokens but the model's embeddings only {vocab_size}: this is not "
                 "the model's tokenizer. Pass the tokenizer saved with the teacher."
+            )
+        self._check_tokenizer_reads_the_data()
+        if getattr(self.model.config, "problem_type", None) == "multi_label_classification":
+            raise ValueError(
+                "The teacher is a multi-label classifier (problem_type='multi_label_classification'), which RMT-KD "
+                "does not support yet: compress a single-label or regression teacher."
             )
         num_labels = getattr(self.model.config, "num_labels", None)
         columns = getattr(self.train_dataset, "column_names", None) or []
@@ -455,6 +478,24 @@ class RMTKDTrainer(Trainer):
                     f"Training labels span {low}..{high} but the classification head has {num_labels} outputs: "
                     "map the labels to 0..num_labels-1 or load the teacher with the right num_labels."
                 )
+
+    def _check_tokenizer_reads_the_data(self, sample_rows: int = 256, max_unknown_fraction: float = 0.5) -> None:
+        """Refuse training text that is mostly ``[UNK]``: the tokenizer is not the model's (a folder without
+        tokenizer files gives transformers' few-token placeholder, which maps every word to ``[UNK]``)."""
+        unk_id = getattr(self.processing_class, "unk_token_id", None)
+        columns = getattr(self.train_dataset, "column_names", None) or []
+        if unk_id is None or "input_ids" not in columns or not hasattr(self.train_dataset, "select"):
+            return
+        special = set(getattr(self.processing_class, "all_special_ids", [])) - {unk_id}
+        rows = self.train_dataset.select(range(min(sample_rows, len(self.train_dataset))))["input_ids"]
+        tokens = [token for row in rows for token in row if token not in special]
+        unknown = sum(token == unk_id for token in tokens) / max(len(tokens), 1)
+        if tokens and unknown > max_unknown_fraction:
+            raise ValueError(
+                f"{unknown:.0%} of the training tokens are the unknown token: the tokenizer "
+                f"({type(self.processing_class).__name__}, {len(self.processing_class)} tokens) cannot read this text. "
+                "Pass the tokenizer saved with the teacher (--tokenizer_name), or save it into the teacher's folder."
+            )
 
     def _start_history(self, teacher: nn.Module) -> dict:
         args = self.args
@@ -584,7 +625,7 @@ class RMTKDTrainer(Trainer):
         broken = non_finite_tensors(candidate)
         if broken or not math.isfinite(metric):  # whatever the floor: a NaN model is never kept
             self.model = self.model_wrapped = previous
-            where = f"weights ({_first_names(broken)})" if broken else "metric"
+            where = f"weights ({first_names(broken)})" if broken else "metric"
             record["status"] = f"rolled back: non-finite {where} after distillation"
         elif metric < floor:
             self.model = self.model_wrapped = previous
@@ -771,10 +812,6 @@ class RMTKDTrainer(Trainer):
             tags=tags,
             measurements=measurements,
         )
-
-
-def _first_names(names: list[str], limit: int = 3) -> str:
-    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 class BestStageWeights(TrainerCallback):

@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny random BERT and calibration batches with padding."""
 
+import os
+import tempfile
+
 import pytest
 import torch
 from datasets import Dataset
@@ -115,3 +118,31 @@ def make_trainer(
         compute_metrics=compute_metrics,
         callbacks=callbacks,
     )
+
+
+TINY_VOCAB = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4} | {
+    f"w{index}": index for index in range(5, 120)
+}
+
+
+def save_tiny_teacher(folder, num_labels: int = 2, tokenizer: bool = True, **config_overrides):
+    """A seeded tiny random BERT classifier saved in ``folder``, with a word-level tokenizer (w5, w6, ...)."""
+    from transformers import BertTokenizerFast
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_bert_config(num_labels=num_labels, **config_overrides)).save_pretrained(folder)
+    if tokenizer:
+        BertTokenizerFast(vocab=TINY_VOCAB).save_pretrained(folder)
+    return folder
+
+
+def cli_compress(teacher, paths: dict, output_dir, *options: str) -> int:
+    """``rmt-kd compress`` on ``{split: data file}`` with one quick stage; returns the exit status."""
+    from rmt_kd_hf.cli import main
+
+    files = [f"--{split}_file={path}" for split, path in paths.items()]
+    quick = ["--stage_max_steps=1", "--max_stages=1", "--max_metric_drop=1.0", "--measure_latency=false"]
+    cache = os.path.join(tempfile.gettempdir(), "rmt_kd_tests_datasets_cache")  # not under output_dir's parent
+    quiet = ["--report_to=none", "--disable_tqdm=true", "--use_cpu=true", f"--cache_dir={cache}"]
+    argv = ["compress", f"--model_name_or_path={teacher}", *files, f"--output_dir={output_dir}", "--do_train"]
+    return main([*argv, *quick, *quiet, *options])

@@ -8,12 +8,19 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
-from rmt_kd_hf.checkpoint import non_finite_tensors
+from rmt_kd_hf.checkpoint import (
+    MANIFEST_FILENAME,
+    check_checkpoint,
+    load_checkpoint,
+    non_finite_tensors,
+    save_compressed,
+)
 from rmt_kd_hf.cli import main as cli_main
 
-from .conftest import make_trainer, tiny_bert_config
+from .conftest import cli_compress, make_trainer, save_tiny_teacher, tiny_bert_config
 
 
 def snapshot(root) -> set[str]:
@@ -163,20 +170,6 @@ def csv_files(tmp_path):
     return paths
 
 
-def cli_compress(model_dir, csv_files, output_dir):
-    return cli_main(
-        [
-            "compress",
-            f"--model_name_or_path={model_dir}",
-            f"--train_file={csv_files['train']}",
-            f"--validation_file={csv_files['validation']}",
-            f"--output_dir={output_dir}",
-            "--do_train",
-            "--report_to=none",
-        ]
-    )
-
-
 def test_cli_refuses_a_truncated_teacher(finished_run, csv_files, tmp_path, capsys, untouched):
     teacher = tmp_path / "teacher"
     BertForSequenceClassification(tiny_bert_config(num_labels=2)).save_pretrained(teacher)
@@ -255,7 +248,7 @@ def test_compress_model_refuses_out_of_range_arguments(batches, arguments, messa
 
 
 def folder_digest(folder) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+    return {name: (folder / name).read_bytes() for name in sorted(snapshot(folder))}
 
 
 @pytest.mark.parametrize("where", ["the teacher's folder", "inside it"])
@@ -307,3 +300,136 @@ def test_a_stage_that_diverges_is_rolled_back_whatever_the_floor(tmp_path):
     status = trainer.compression_history["stages"][0]["status"]
     assert status.startswith("rolled back: non-finite weights"), status
     assert non_finite_tensors(model) == []  # the model before the stage, saved
+
+
+# -- the checked loader: every checkpoint the project reads --------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A classifier saved by save_compressed (so with its SHA-256 manifest)."""
+    torch.manual_seed(0)
+    return save_compressed(BertForSequenceClassification(tiny_bert_config(num_labels=2)), tmp_path / "saved")
+
+
+def test_one_flipped_bit_is_refused(saved):
+    path = os.path.join(saved, "model.safetensors")
+    data = bytearray(open(path, "rb").read())
+    data[-7] ^= 0x40  # an exponent bit of the last weight: loads today as a huge value
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match its SHA-256 in rmt_kd_manifest\.json"):
+        load_checkpoint(BertForSequenceClassification, saved)
+
+
+def test_a_weights_file_missing_or_foreign_to_the_manifest_is_refused(saved):
+    manifest_path = os.path.join(saved, MANIFEST_FILENAME)
+    manifest = json.loads(open(manifest_path).read())
+    manifest["files"]["model-00002-of-00002.safetensors"] = {"bytes": 1, "sha256": "0"}
+    open(manifest_path, "w").write(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"model-00002-of-00002\.safetensors missing .*Copy the whole folder"):
+        check_checkpoint(saved)
+    del manifest["files"]["model-00002-of-00002.safetensors"]
+    open(manifest_path, "w").write(json.dumps(manifest))
+    shutil.copy(os.path.join(saved, "model.safetensors"), os.path.join(saved, "extra.safetensors"))
+    with pytest.raises(ValueError, match=r"extra\.safetensors not part of the save"):
+        check_checkpoint(saved)
+
+
+def test_a_missing_tensor_is_refused_not_initialised_at_random(saved):
+    path = os.path.join(saved, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["bert.encoder.layer.0.attention.self.query.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    os.remove(os.path.join(saved, MANIFEST_FILENAME))  # as a folder copied by hand would be
+    with pytest.raises(ValueError, match=r"lacks 1 tensors .*query\.weight\): they would be random"):
+        load_checkpoint(BertForSequenceClassification, saved)
+
+
+def test_a_missing_classifier_passes_only_where_a_new_head_is_the_point(saved):
+    path = os.path.join(saved, "model.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if not k.startswith("classifier")}, path)
+    os.remove(os.path.join(saved, MANIFEST_FILENAME))
+    with pytest.raises(ValueError, match=r"lacks 2 tensors .*classifier\.bias, classifier\.weight"):
+        load_checkpoint(BertForSequenceClassification, saved)
+    _, initialised = load_checkpoint(
+        BertForSequenceClassification, saved, allow_new_head=True, output_loading_info=True
+    )
+    assert initialised == ["classifier.bias", "classifier.weight"]
+
+
+def test_widths_in_the_config_that_differ_from_the_tensors_are_refused(saved):
+    config_path = os.path.join(saved, "config.json")
+    config = json.loads(open(config_path).read())
+    config["intermediate_size"] = 64
+    open(config_path, "w").write(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tensors do not have the shapes its config\.json gives .*intermediate"):
+        load_checkpoint(BertForSequenceClassification, saved)
+
+
+@pytest.mark.parametrize("command", ["bench", "report"])
+def test_bench_and_report_never_unpickle(tmp_path, capsys, command):
+    pickled = tmp_path / "pickled"
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=2))
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    argv = {"bench": ["bench", str(pickled), str(pickled)], "report": ["report", str(pickled), "--data", "x.csv"]}
+    (tmp_path / "x.csv").write_text("sentence\nw5 w6\n")
+    assert cli_main(argv[command]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "found pytorch_model.bin: pickle files, which rmt-kd never loads" in error[0]
+
+
+# -- output folders ---------------------------------------------------------------------------------------------
+
+
+def test_a_finished_model_in_output_dir_is_refused_unless_overwritten(tmp_path):
+    first = make_trainer(tmp_path, stage_max_steps=1, max_metric_drop=1.0, measure_latency=False)
+    first.compress()
+    before = folder_digest(tmp_path / "out")
+    second = make_trainer(tmp_path, stage_max_steps=1, max_metric_drop=1.0, measure_latency=False)
+    with pytest.raises(ValueError, match=r"already holds a saved model: choose a new output_dir, or pass overwrite"):
+        second.compress()
+    assert folder_digest(tmp_path / "out") == before
+    again = make_trainer(tmp_path, stage_max_steps=1, max_metric_drop=1.0, overwrite_output_dir=True)
+    again.compress()  # replaces it, and resuming the finished run is allowed too
+    make_trainer(tmp_path, stage_max_steps=1, max_metric_drop=1.0, measure_latency=False).compress(
+        resume_from_checkpoint=True
+    )
+
+
+def test_a_multi_label_teacher_is_refused(tmp_path, untouched):
+    teacher = BertForSequenceClassification(tiny_bert_config(num_labels=2, problem_type="multi_label_classification"))
+    trainer = make_trainer(tmp_path, model=teacher)
+    untouched()
+    with pytest.raises(ValueError, match="multi-label classifier .*not support yet: compress a single-label"):
+        trainer.compress()
+
+
+def test_cli_refuses_a_teacher_folder_without_its_tokenizer(csv_files, tmp_path, capsys):
+    teacher = save_tiny_teacher(tmp_path / "teacher", tokenizer=False)
+    (tmp_path / "train.csv").write_text("sentence,label\n" + "w5 w6 w7,1\nw8 w9,0\n" * 8)
+    paths = {"train": tmp_path / "train.csv", "validation": tmp_path / "train.csv"}
+    capsys.readouterr()
+    assert cli_compress(teacher, paths, tmp_path / "out") == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "of the training tokens are the unknown token" in error and "--tokenizer_name" in error
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    argv = ["export", str(tmp_path / "missing"), "--output", str(tmp_path / "onnx")]
+    assert cli_main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is not a directory" in error and "Traceback" not in error
+    assert cli_main([*argv, "--debug"]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in error and error.strip().splitlines()[-1].startswith("rmt-kd export")
+
+
+def test_cli_output_dir_that_cannot_be_created_is_one_line(csv_files, tmp_path, capsys):
+    teacher = save_tiny_teacher(tmp_path / "teacher")
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    assert cli_compress(teacher, csv_files, tmp_path / "a_file" / "out") == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("rmt-kd compress: error: ") and "a_file" in error and "Traceback" not in error

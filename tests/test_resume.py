@@ -54,8 +54,9 @@ def test_killed_run_resumes_to_the_same_widths_and_weights(uninterrupted, tmp_pa
     output_dir = str(tmp_path / "out")
     killed = run_script("--output_dir", output_dir, "--kill_stage", "1", "--kill_step", "2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    # stage 0 was checkpointed; the final model was not written, so the directory does not look complete
-    assert sorted(os.listdir(output_dir)) == ["checkpoint-stage-0"]
+    # stage 0 was checkpointed; the final model was not written, so the directory does not look complete. The
+    # killed run's lock file stays, released by the kernel: the resumed run takes it
+    assert sorted(os.listdir(output_dir)) == [".rmt_kd.lock", "checkpoint-stage-0"]
     with open(os.path.join(output_dir, "checkpoint-stage-0", RESUME_STATE_FILENAME)) as file:
         assert json.load(file)["next_stage"] == 1
     with open(os.path.join(output_dir, "checkpoint-stage-0", HISTORY_FILENAME)) as file:

@@ -54,6 +54,7 @@ def run_glue_arguments(args: argparse.Namespace, files: dict[str, str]) -> list[
         f"--test_file={files['test']}",
         f"--teacher_dir={os.path.join(args.output_dir, 'teacher')}",
         f"--output_dir={os.path.join(args.output_dir, 'compressed')}",
+        "--overwrite_output_dir",  # a rerun of the demo replaces its previous result
         "--do_train",
         "--do_eval",
         "--do_predict",
