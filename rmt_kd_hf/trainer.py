@@ -607,13 +607,8 @@ class RMTKDTrainer(Trainer):
             record.update(status="skipped: nothing above λ+ left to cut", seconds=time.perf_counter() - start)
             return record
         candidate = surgery.apply(previous, analyses)
-        if self.hidden_distillation_weight > 0:
-            self._hidden_state_bases = [
-                basis.to(device=args.device, dtype=torch.float32)
-                for basis in surgery.hidden_state_bases(previous, analyses)
-            ]
-        kept_step = self._distil(candidate, previous)
-        self._hidden_state_bases = None
+        bases = surgery.hidden_state_bases(previous, analyses) if self.hidden_distillation_weight > 0 else None
+        kept_step = self.distil(candidate, previous, bases)
         metric = self._validation_metric()
         floor = history["teacher"][f"eval_{args.compression_metric}"] - args.max_metric_drop
         record.update(num_parameters=count_parameters(candidate), **{f"eval_{args.compression_metric}": metric})
@@ -694,11 +689,33 @@ class RMTKDTrainer(Trainer):
         current = count_parameters(model)
         return current - (current - target) / max(remaining_stages, 1)
 
-    def _distil(self, candidate: nn.Module, previous: nn.Module) -> int | None:
-        """Fine-tune ``candidate`` for ``stage_max_steps`` with distillation from the frozen ``previous``.
+    def distil(
+        self, student: nn.Module, teacher: nn.Module, hidden_state_bases: Sequence[torch.Tensor] | None = None
+    ) -> int | None:
+        """Train ``student`` for ``stage_max_steps`` steps on ``train_dataset`` with the distillation loss from the
+        frozen ``teacher``; ``student`` becomes ``self.model``. Each stage of ``compress()`` runs it; it also distils,
+        on the same terms, a model that another tool made smaller.
 
-        With ``load_best_model_at_end`` and an ``eval_strategy``, the stage ends on the weights that scored best at
-        its evaluations; returns that step (``None`` otherwise)."""
+        Args:
+            student: the smaller model, taking the same inputs as ``teacher``.
+            teacher: the model before the cut.
+            hidden_state_bases: per entry of ``output_hidden_states`` (embeddings, then each layer), the
+                (student width, teacher width) matrix ``B`` with ``h_student ≈ h_teacher @ B.T``: adds
+                :func:`hidden_state_loss` (weight ``hidden_distillation_weight``). ``None``: logits only.
+
+        Returns:
+            With ``load_best_model_at_end`` and an ``eval_strategy``, the step whose weights the student ends on (the
+            best at its evaluations); ``None`` otherwise.
+        """
+        if hidden_state_bases is not None and self.hidden_distillation_weight > 0:
+            device = self.args.device
+            self._hidden_state_bases = [basis.to(device=device, dtype=torch.float32) for basis in hidden_state_bases]
+        try:
+            return self._distil(student, teacher)
+        finally:
+            self._hidden_state_bases = None
+
+    def _distil(self, candidate: nn.Module, previous: nn.Module) -> int | None:
         self.teacher_model = previous.eval().requires_grad_(False)
         self.model = self.model_wrapped = candidate
         if self.args.stage_max_steps == 0:
