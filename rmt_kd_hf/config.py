@@ -50,6 +50,10 @@ class RMTKDConfig(TrainingArguments):
         max_metric_drop (`float`, defaults to `0.01`):
             A stage is rolled back when its validation metric falls more than this below the teacher's
             (absolute: 0.01 = one accuracy point).
+        stage_retries (`int`, defaults to `3`):
+            A stage that is rolled back is tried again this many times with milder cuts (its σ² quantile bisected
+            between the strongest cut that passed, at first none, and the mildest that failed); the strongest cut
+            that passes is kept. Each try costs a distillation. 0: a rolled-back stage ends the run.
         compression_metric (`str`, defaults to `"accuracy"`):
             Validation metric (a key of `compute_metrics`, without `eval_`) checked against the floor.
         target_parameter_ratio (`float`, *optional*):
@@ -112,6 +116,9 @@ class RMTKDConfig(TrainingArguments):
     max_metric_drop: float = field(
         default=0.01, metadata={"help": "Roll a stage back when the metric drops more than this below the teacher."}
     )
+    stage_retries: int = field(
+        default=3, metadata={"help": "Milder cuts tried (quantile bisection) after a stage is rolled back."}
+    )
     compression_metric: str = field(default="accuracy", metadata={"help": "Validation metric checked per stage."})
     target_parameter_ratio: float | None = field(
         default=None, metadata={"help": "Stop at this fraction of the teacher's parameters (e.g. 0.4)."}
@@ -173,6 +180,7 @@ class RMTKDConfig(TrainingArguments):
             or 0.0 <= self.hidden_distillation_weight < math.inf,
             "max_metric_drop": 0.0 <= self.max_metric_drop < math.inf,
             "stage_max_steps": self.stage_max_steps >= 0,
+            "stage_retries": self.stage_retries >= 0,
             "max_stages": self.max_stages is None or self.max_stages >= 1,
             "min_width": self.min_width >= 1,
             "width_multiple": self.width_multiple >= 1,
@@ -192,6 +200,7 @@ class RMTKDConfig(TrainingArguments):
             "hidden_distillation_weight": "finite and >= 0, or None",
             "max_metric_drop": "finite and >= 0 (1.0 never rolls back an accuracy)",
             "stage_max_steps": ">= 0",
+            "stage_retries": ">= 0",
             "max_stages": ">= 1 or None",
             "min_width": ">= 1",
             "width_multiple": ">= 1",

@@ -153,6 +153,14 @@ def _stage_views(history: Mapping) -> list[dict]:
                 "seconds": None if seconds is None else f"{seconds:.1f}",
                 "kept_step": stage.get("kept_step"),
                 "sites": sites,
+                "tries": [
+                    {
+                        "sigma_quantile": _number(entry["sigma_quantile"]),
+                        "result": entry["status"]
+                        + (f", {entry['num_parameters']:,} parameters" if "num_parameters" in entry else ""),
+                    }
+                    for entry in stage.get("tries", [])
+                ],
             }
         )
     return views

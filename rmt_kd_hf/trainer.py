@@ -74,6 +74,7 @@ RESUME_INVARIANTS = (
     "trim_vocabulary",
     "load_best_model_at_end",
     "metric_for_best_model",
+    "stage_retries",
 )
 
 
@@ -585,51 +586,95 @@ class RMTKDTrainer(Trainer):
         return stages if self.args.stage_order == "shallow_to_deep" else stages[::-1]
 
     def _run_stage(self, surgery, calibration, index: int, stage_sites: list[str] | None, history: dict) -> dict:
+        """Calibrate, fit, cut, distil and judge one stage. A cut rolled back (below the floor, or not finite) is
+        retried up to ``stage_retries`` times with milder ones, its σ² quantile bisected between the strongest
+        cut that passed (at first: none, quantile 0) and the mildest that failed; the strongest that passes is kept.
+        Every try is listed under ``tries`` in the record."""
         args = self.args
         start = time.perf_counter()
-        # each stage draws from its own seed, so a resumed run repeats exactly what the interrupted one would do
-        enable_full_determinism(args.seed + index) if args.full_determinism else set_seed(args.seed + index)
+        self._seed_stage(index)
         previous = self.model.eval()
         taps = surgery.taps(previous)
         accumulators = collect_covariances(previous, calibration, taps, progress=not args.disable_tqdm)
-        analyses = analyse_sites(
+        fitted = analyse_sites(
             surgery.sites(previous, accumulators),
             args.sigma_quantile,
             args.mp_refine,
             quantile_shifts=args.sigma_quantile_shifts,
         )
-        stage_names = list(analyses) if stage_sites is None else stage_sites
-        analyses, quantile = self._plan_stage(surgery, previous, analyses, stage_names, history, index)
+        stage_names = list(fitted) if stage_sites is None else stage_sites
+        analyses, quantile = self._plan_stage(surgery, previous, fitted, stage_names, history, index)
         self._check_some_direction_is_kept(analyses, stage_names)
         record = _stage_record(index, stage_names, quantile, analyses)
         self._stage_spectra[index] = spectra_record(analyses, stage_names)
         if all(analyses[name].kept_width == analyses[name].site.dim for name in stage_names):
             record.update(status="skipped: nothing above λ+ left to cut", seconds=time.perf_counter() - start)
             return record
+        candidate, outcome = self._cut_and_judge(surgery, previous, analyses, history)
+        record.update(outcome)
+        tries = [_try_summary(quantile, outcome)]
+        passed, failed = 0.0, quantile  # quantile 0 keeps every direction: the mildest possible "cut"
+        best = (candidate, record) if outcome["status"] == "accepted" else None
+        for _ in range(args.stage_retries if best is None else 0):
+            milder = (passed + failed) / 2
+            self._seed_stage(index)  # every try from the same state, as a resumed run would redo it
+            refitted = refit_sites(fitted, milder, args.mp_refine, args.sigma_quantile_shifts)
+            analyses = self._planned(refitted, stage_names)
+            if all(analyses[name].kept_width == analyses[name].site.dim for name in stage_names):
+                passed = milder  # nothing to cut this mildly: try stronger
+                tries.append({"sigma_quantile": milder, "status": "skipped: nothing above λ+ left to cut"})
+                continue
+            candidate, outcome = self._cut_and_judge(surgery, previous, analyses, history)
+            tries.append(_try_summary(milder, outcome))
+            if outcome["status"] == "accepted":
+                passed = milder
+                best = (candidate, {**_stage_record(index, stage_names, milder, analyses), **outcome})
+                self._stage_spectra[index] = spectra_record(analyses, stage_names)
+            else:
+                failed = milder
+        if best is not None:
+            candidate, record = best
+            self.model = self.model_wrapped = candidate
+        else:
+            self.model = self.model_wrapped = previous
+        if len(tries) > 1:
+            record["tries"] = tries
+        record["seconds"] = time.perf_counter() - start
+        logger.info("RMT-KD stage %d: %s (%d tries)", index, record["status"], len(tries))
+        return record
+
+    def _seed_stage(self, index: int) -> None:
+        # each stage draws from its own seed, so a resumed run repeats exactly what the interrupted one would do
+        seed = self.args.seed + index
+        enable_full_determinism(seed) if self.args.full_determinism else set_seed(seed)
+
+    def _cut_and_judge(self, surgery, previous: nn.Module, analyses, history: dict) -> tuple[nn.Module, dict]:
+        """Apply ``analyses`` to ``previous``, distil, and judge against the floor: (the candidate, its fields
+        for the stage record, ``status`` among them)."""
+        args = self.args
+        start = time.perf_counter()
         candidate = surgery.apply(previous, analyses)
         bases = surgery.hidden_state_bases(previous, analyses) if self.hidden_distillation_weight > 0 else None
-        kept_step = self.distil(candidate, previous, bases)
+        kept_step = self.distil(candidate, previous, bases)  # makes it self.model
         metric = self._validation_metric()
+        self.model = self.model_wrapped = previous  # until the stage decides
         floor = history["teacher"][f"eval_{args.compression_metric}"] - args.max_metric_drop
-        record.update(num_parameters=count_parameters(candidate), **{f"eval_{args.compression_metric}": metric})
+        outcome = {"num_parameters": count_parameters(candidate), f"eval_{args.compression_metric}": metric}
         if kept_step is not None:
-            record["kept_step"] = kept_step
-        record["parameter_ratio"] = record["num_parameters"] / history["teacher"]["num_parameters"]
+            outcome["kept_step"] = kept_step
+        outcome["parameter_ratio"] = outcome["num_parameters"] / history["teacher"]["num_parameters"]
         if args.target_latency_ratio is not None:
-            record["latency_ratio"] = self._latency(candidate) / history["teacher"]["cpu_latency_seconds"]
+            outcome["latency_ratio"] = self._latency(candidate) / history["teacher"]["cpu_latency_seconds"]
         broken = non_finite_tensors(candidate)
         if broken or not math.isfinite(metric):  # whatever the floor: a NaN model is never kept
-            self.model = self.model_wrapped = previous
             where = f"weights ({first_names(broken)})" if broken else "metric"
-            record["status"] = f"rolled back: non-finite {where} after distillation"
+            outcome["status"] = f"rolled back: non-finite {where} after distillation"
         elif metric < floor:
-            self.model = self.model_wrapped = previous
-            record["status"] = f"rolled back: {args.compression_metric} {metric:.4f} < floor {floor:.4f}"
+            outcome["status"] = f"rolled back: {args.compression_metric} {metric:.4f} < floor {floor:.4f}"
         else:
-            record["status"] = "accepted"
-        record["seconds"] = time.perf_counter() - start
-        logger.info("RMT-KD stage %d: %s", index, record["status"])
-        return record
+            outcome["status"] = "accepted"
+        outcome["seconds"] = time.perf_counter() - start
+        return candidate, outcome
 
     def _check_some_direction_is_kept(self, analyses: Mapping[str, SiteAnalysis], stage_names: list[str]) -> None:
         """k = 0 (every eigenvalue below λ+) would leave a site ``min_width`` wide: refuse unless that floor was
@@ -649,11 +694,9 @@ class RMTKDTrainer(Trainer):
     def _plan_stage(self, surgery, model, analyses, stage_names, history, index):
         """Widths for this stage's sites (the others keep every direction) and the quantile used."""
         args = self.args
-        fixed = {name: analysis.site.dim for name, analysis in analyses.items() if name not in stage_names}
 
         def planned(candidate_analyses):
-            plan_widths(candidate_analyses, kept_widths=fixed, min_width=args.min_width)
-            return candidate_analyses
+            return self._planned(candidate_analyses, stage_names)
 
         if args.target_parameter_ratio is None or not args.budget_search:
             return planned(analyses), args.sigma_quantile
@@ -681,6 +724,12 @@ class RMTKDTrainer(Trainer):
             else:
                 low = middle
         return best, best_quantile
+
+    def _planned(self, analyses: dict[str, SiteAnalysis], stage_names: list[str]) -> dict[str, SiteAnalysis]:
+        """``analyses`` with widths planned for this stage's sites; the other sites keep every direction."""
+        fixed = {name: analysis.site.dim for name, analysis in analyses.items() if name not in stage_names}
+        plan_widths(analyses, kept_widths=fixed, min_width=self.args.min_width)
+        return analyses
 
     def _stage_parameter_target(self, model, history, index) -> float:
         """Spread the remaining cut evenly over the remaining stages."""
@@ -902,6 +951,11 @@ def _weights_mb(model: nn.Module) -> float:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _try_summary(quantile: float, outcome: Mapping) -> dict:
+    """One try of a stage, for the history: its quantile and what it gave."""
+    return {"sigma_quantile": quantile, **{key: value for key, value in outcome.items() if key != "kept_step"}}
 
 
 def _stage_record(index: int, stage_names: list[str], quantile: float, analyses: Mapping[str, SiteAnalysis]) -> dict:

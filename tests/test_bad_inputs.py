@@ -206,6 +206,7 @@ BAD_CONFIG_VALUES = [
     ("max_metric_drop", -0.1, "max_metric_drop must be finite and >= 0"),
     ("max_stages", 0, "max_stages must be >= 1 or None"),
     ("stage_max_steps", -1, "stage_max_steps must be >= 0"),
+    ("stage_retries", -1, "stage_retries must be >= 0"),
     ("min_width", 0, "min_width must be >= 1"),
     ("width_multiple", 0, "width_multiple must be >= 1"),
     ("target_parameter_ratio", 1.0, "target_parameter_ratio must be in (0, 1) or None"),

@@ -12,6 +12,7 @@ from transformers import (
 )
 
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer, compress_model
+from rmt_kd_hf.surgery.base import count_parameters
 from rmt_kd_hf.surgery.bert import BertSurgery
 from rmt_kd_hf.trainer import HISTORY_FILENAME, distillation_loss, hidden_state_loss
 
@@ -79,7 +80,9 @@ def test_a_stage_below_the_floor_is_rolled_back(tmp_path):
     def falling_metric(_):
         return {"accuracy": next(values)}
 
-    trainer = make_trainer(tmp_path, compute_metrics=falling_metric, max_metric_drop=0.01, stage_max_steps=2)
+    trainer = make_trainer(
+        tmp_path, compute_metrics=falling_metric, max_metric_drop=0.01, stage_max_steps=2, stage_retries=0
+    )
     teacher = trainer.model
     model = trainer.compress()
     history = trainer.compression_history
@@ -89,6 +92,32 @@ def test_a_stage_below_the_floor_is_rolled_back(tmp_path):
     batch.pop("labels")
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**batch).logits, teacher.eval()(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_a_rolled_back_stage_is_retried_milder_and_keeps_the_strongest_cut_that_passes(tmp_path):
+    holder = {}
+
+    def size_dependent_metric(_):  # cuts that keep more than 60% of the teacher's parameters pass the floor
+        kept = count_parameters(holder["trainer"].model) / holder["teacher_parameters"]
+        return {"accuracy": 0.9 if kept > 0.6 else 0.5}
+
+    trainer = make_trainer(tmp_path, compute_metrics=size_dependent_metric, stage_max_steps=1, stage_retries=4)
+    holder.update(trainer=trainer, teacher_parameters=count_parameters(trainer.model))
+    model = trainer.compress()
+    stage = trainer.compression_history["stages"][0]
+    tries = stage["tries"]
+    assert stage["status"] == "accepted" and len(tries) == 5
+    assert tries[0]["sigma_quantile"] == 0.5 and tries[0]["status"].startswith("rolled back: accuracy 0.5000")
+    quantiles = [entry["sigma_quantile"] for entry in tries]
+    assert quantiles[1] == 0.25 and all(0 < quantile < 0.5 for quantile in quantiles[1:])
+    accepted = [entry for entry in tries if entry["status"] == "accepted"]
+    assert accepted and stage["num_parameters"] == min(entry["num_parameters"] for entry in accepted)
+    assert stage["sigma_quantile"] == max(entry["sigma_quantile"] for entry in accepted)  # the strongest that passed
+    assert count_parameters(model) == stage["num_parameters"] > 0.6 * holder["teacher_parameters"]
+    assert json.loads((tmp_path / "out" / "rmt_kd_history.json").read_text())["stages"][0]["tries"] == tries
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Cuts tried (a rolled-back cut is retried with a milder σ² quantile): quantile 0.5: rolled back" in card
 
 
 def test_nothing_left_to_cut_skips_every_stage(tmp_path):
