@@ -109,6 +109,22 @@ def randomize_directions(analyses: Mapping[str, SiteAnalysis], seed: int = 0) ->
     return randomized
 
 
+def refuse_empty_sites(analyses: Mapping[str, SiteAnalysis], names: Iterable[str], min_width: int) -> None:
+    """Raise a ``ValueError`` when a site of ``names`` has no eigenvalue above λ+ (k = 0) and ``min_width`` does
+    not say which width to keep there instead (only ``min_width > 1`` does: 1 is the default, not a choice)."""
+    if min_width > 1:
+        return
+    empty = [name for name in names if analyses[name].fit.num_kept == 0]
+    if empty:
+        fit = analyses[empty[0]].fit
+        raise ValueError(
+            f"No eigenvalue lies above the Marchenko–Pastur edge at {', '.join(empty)} (k = 0; at {empty[0]} "
+            f"λ+ = {fit.lambda_plus:.4g}, largest eigenvalue {analyses[empty[0]].eigenvalues[0]:.4g}) with "
+            f"sigma_quantile={fit.sigma_quantile}: lower sigma_quantile, or set min_width to the narrowest width "
+            "you accept there."
+        )
+
+
 def plan_widths(
     analyses: Mapping[str, SiteAnalysis],
     kept_widths: Mapping[str, int] | None = None,
@@ -269,6 +285,8 @@ def compress_model(
     analyses = analyse_sites(sites, sigma_quantile, refine, progress, quantile_shifts)
     analysed = time.perf_counter()
     plan_widths(analyses, kept_widths, keep_all, min_width)
+    if not keep_all:
+        refuse_empty_sites(analyses, [name for name in analyses if name not in (kept_widths or {})], min_width)
     compressed = surgery.apply(prepared, analyses)
     applied = time.perf_counter()
     report = CompressionReport(

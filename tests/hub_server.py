@@ -1,4 +1,4 @@
-"""A loopback Hugging Face Hub for offline ``push_to_hub`` / ``from_pretrained`` tests (design notes §7).
+"""A loopback Hugging Face Hub for offline ``push_to_hub`` / ``from_pretrained`` tests (docs/design.md §8).
 
 Implements only what ``huggingface_hub`` (2.x) and ``transformers`` (5.x) call to create a model repo, commit files
 inline (no LFS, no Xet) and download them again. Binds 127.0.0.1 only; :func:`loopback_hub` stops it at the end of

@@ -235,6 +235,7 @@ def test_out_of_range_options_are_refused_before_any_work(tmp_path, untouched, f
         ({"min_width": -1}, "min_width must be an integer >= 0, got -1"),
         ({"max_batches": 0}, "max_batches must be >= 1 or None, got 0"),
         ({"quantile_shifts": {"ffn": 1.5}}, "quantile_shifts['ffn'] must be in (-1, 1), got 1.5"),
+        ({"sigma_quantile": 0.999, "refine": False}, "No eigenvalue lies above the Marchenko–Pastur edge at"),
     ],
     ids=lambda v: str(v)[:30],
 )

@@ -2,7 +2,7 @@
 
 A teacher is first re-expressed exactly as an ``RMTBert*`` model with identity bases (``prepare``). Every
 compression is then a rotation + truncation of the current coordinates, so a once-compressed model can be
-compressed again with the same code (design notes §3):
+compressed again with the same code (docs/design.md §4):
 
 * residual boundary ``b`` (``2L + 1`` of them): new basis ``Q_b`` (k' x k) from the covariance of the
   LayerNorm output plus the next LayerNorm's input (the residual sum), each normalised by its trace;

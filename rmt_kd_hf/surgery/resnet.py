@@ -3,7 +3,7 @@ basic blocks) and plain timm ResNets in ``TimmWrapperForImageClassification`` (s
 
 A teacher is first re-expressed as an ``RMTResNet*`` model (same modules and weights, free widths; ``prepare``).
 Every width is then cut by *channel selection*, which commutes with BatchNorm, ReLU, max pooling and the residual
-additions, so the kept channels stay exact until a dropped one would have been read (design notes §4):
+additions, so the kept channels stay exact until a dropped one would have been read (docs/design.md §6):
 
 * sites of kind ``"channels"``: the inner convolution outputs of every block (``block.{b}.conv{i}``), the stem
   output (``stem``) and the residual stream of every stage (``stage.{s}``; a stage without a projection shortcut
