@@ -574,10 +574,10 @@ def write_tables(results: dict) -> None:
         "",
         "Every arm: the converged MiniLM-L6 teacher, the same trimmed vocabulary, cut to the parameter count of an "
         "RMT-KD frontier point (±1%), then the same 600-step distillation (α = 0.7, T = 1, lr 1e-4, batch 32, "
-        "hidden-state term β = 1 in each arm's kept basis). Accuracy: mean ± standard error over seeds; Δ: the "
-        "difference from RMT-KD at the same point, ± the standard error of that difference. Speed-ups: seed-0 "
-        "models, batch 1 and 32 × 128 tokens, median of alternating rounds against the teacher in one process. "
-        "Command: `python benchmarks/peers.py --work_dir outputs/bench`.",
+        "hidden-state term β = 1 in each arm's kept basis). Accuracy: mean ± standard error over seeds (no ± with "
+        "one seed); Δ: the difference from RMT-KD at the same point, ± the standard error of that difference. "
+        "Speed-ups: seed-0 models, batch 1 and 32 × 128 tokens, median of alternating rounds against the teacher "
+        "in one process. Command: `python benchmarks/peers.py --work_dir outputs/bench`.",
         "",
     ]
     rows = results["points"]
@@ -604,11 +604,12 @@ def write_tables(results: dict) -> None:
             cells = []
             for split in ("test_accuracy", "validation_accuracy"):
                 mean, error = mean_and_error([row[split] for row in ok])
-                cells.append(f"{100 * mean:.2f} ± {100 * error:.2f}")
+                cells.append(f"{100 * mean:.2f}" + (f" ± {100 * error:.2f}" if len(ok) > 1 else ""))
                 if method != "rmt-kd" and reference:
                     base, base_error = mean_and_error([row[split] for row in reference])
-                    difference = 100 * (mean - base)
-                    cells.append(f"{difference:+.2f} ± {100 * math.hypot(error, base_error):.2f}")
+                    spread = len(ok) > 1 and len(reference) > 1  # one seed on a side: no standard error
+                    error_text = f" ± {100 * math.hypot(error, base_error):.2f}" if spread else ""
+                    cells.append(f"{100 * (mean - base):+.2f}{error_text}")
                 else:
                     cells.append("")
             speed = [f"{ok[0][key]:.2f}×" if key in ok[0] else "" for key in ("speedup_b1", "speedup_b32")]
