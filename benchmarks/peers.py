@@ -78,13 +78,13 @@ def torch_pruning_prune(
     ratio: float,
     importance: str,
     example_inputs: dict[str, torch.Tensor],
-    gradient_batches: Sequence[dict[str, torch.Tensor]] = (),
+    gradients: dict[str, torch.Tensor] | None = None,
 ) -> BertForSequenceClassification:
     """A copy of ``model`` pruned by Torch-Pruning at ``ratio`` (hidden size, FFN and heads alike), with its
     attention modules and config updated to the new shapes (so ``save_pretrained``/``from_pretrained`` work).
 
-    ``importance``: ``"magnitude"`` (group L2) or ``"taylor"`` (first-order Taylor; gradients of the task loss
-    accumulated over ``gradient_batches``, which carry ``labels``)."""
+    ``importance``: ``"magnitude"`` (group L2) or ``"taylor"`` (first-order Taylor, reading ``gradients``:
+    :func:`task_gradients` of ``model``)."""
     import torch_pruning as tp
 
     model = copy.deepcopy(model).eval()
@@ -113,9 +113,8 @@ def torch_pruning_prune(
         ignored_layers=[model.classifier],
     )
     if importance == "taylor":
-        model.zero_grad()
-        for batch in gradient_batches:
-            model(**batch).loss.backward()
+        for name, parameter in model.named_parameters():
+            parameter.grad = None if gradients is None or name not in gradients else gradients[name].clone()
     pruner.step()
     model.zero_grad(set_to_none=True)
     if min(pruner.num_heads[attention.query] for attention in attention_layers) == 0:
@@ -129,6 +128,19 @@ def torch_pruning_prune(
     config.intermediate_size = model.bert.encoder.layer[0].intermediate.dense.out_features
     config.num_attention_heads = attention_layers[0].num_attention_heads
     return model
+
+
+def task_gradients(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Gradients of the task loss summed over ``batches`` (which carry ``labels``), by parameter name: what
+    Torch-Pruning's Taylor importance reads, computed once for every ratio the bisection tries."""
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        model(**batch).loss.backward()
+    gradients = {
+        name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None
+    }
+    model.zero_grad(set_to_none=True)
+    return gradients
 
 
 def kept_channels(original: nn.Embedding, pruned: nn.Embedding) -> torch.Tensor:
@@ -394,8 +406,9 @@ def prune(method: str, teacher, trainer, target: int, kept_vocabulary: int, seed
         importance = method.removeprefix("torch-pruning-")
         torch.manual_seed(seed)
         gradient_batches = [next(batches) for _ in range(scoring_batches)] if importance == "taylor" else []
+        gradients = task_gradients(teacher, gradient_batches) if gradient_batches else None
         student, ratio = bisect_ratio(
-            lambda ratio: torch_pruning_prune(teacher, ratio, importance, example, gradient_batches),
+            lambda ratio: torch_pruning_prune(teacher, ratio, importance, example, gradients),
             lambda model: count_parameters(model),
             target,
         )

@@ -34,13 +34,18 @@ def inputs_of(batch):
 @pytest.mark.parametrize("importance", ["magnitude", "taylor"])
 def test_torch_pruning_cuts_hidden_ffn_and_heads_and_the_result_loads_back(teacher, tmp_path, importance):
     batches = make_batches(3)
-    student = peers.torch_pruning_prune(teacher, 0.5, importance, inputs_of(batches[0]), batches[1:])
+    gradients = peers.task_gradients(teacher, batches[1:]) if importance == "taylor" else None
+    student = peers.torch_pruning_prune(teacher, 0.5, importance, inputs_of(batches[0]), gradients)
     config = student.config
     assert (config.hidden_size, config.intermediate_size, config.num_attention_heads) == (24, 48, 2)
     assert teacher.config.hidden_size == 48  # the teacher is left as it was
     channels = peers.kept_channels(teacher.bert.embeddings.word_embeddings, student.bert.embeddings.word_embeddings)
     kept = teacher.bert.embeddings.word_embeddings.weight[:, channels]
     assert torch.equal(kept, student.bert.embeddings.word_embeddings.weight)
+    if importance == "taylor":  # the gradients decide: another choice than the weights' norms
+        magnitude = peers.torch_pruning_prune(teacher, 0.5, "magnitude", inputs_of(batches[0]))
+        other = peers.kept_channels(teacher.bert.embeddings.word_embeddings, magnitude.bert.embeddings.word_embeddings)
+        assert not torch.equal(channels, other)
     assert peers.save_arm(student, _tokenizer(), str(tmp_path))
     loaded = peers.load_arm(str(tmp_path))
     with torch.no_grad():
