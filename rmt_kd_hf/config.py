@@ -79,7 +79,9 @@ class RMTKDConfig(TrainingArguments):
             at the teacher's width (one size per layer, the same for queries/keys and values, rounded to the nearest
             multiple of 8 so that attention stays about as wide as the MP rule keeps it).
         width_multiple (`int`, defaults to `1`):
-            Round every kept width up to a multiple of this; 8 makes CPU matrix products markedly faster.
+            BERT: round the kept embedding, residual and FFN widths up to a multiple of this (capped at the
+            teacher's); 8 makes CPU matrix products markedly faster. Per-head sizes have their own rounding
+            (`reduce_attention_heads`); ResNets refuse it (docs/design.md §3).
         trim_vocabulary (`bool`, *optional*):
             BERT: keep only the word-embedding rows of the tokens the training set uses (plus the special tokens and
             the characters of the kept tokens) and save a tokenizer trimmed to match. Exact on the training text;
@@ -143,7 +145,7 @@ class RMTKDConfig(TrainingArguments):
         metadata={"help": "BERT: also cut per-head query/key and value/output sizes by the MP rule (faster)."},
     )
     width_multiple: int = field(
-        default=1, metadata={"help": "Round kept widths up to a multiple of this (8 speeds up CPU matrix products)."}
+        default=1, metadata={"help": "BERT: round kept embedding/residual/FFN widths up to a multiple (8: faster)."}
     )
     trim_vocabulary: bool | None = field(
         default=None,
