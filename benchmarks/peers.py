@@ -348,6 +348,7 @@ def peer_point(method: str, point: str, seed: int, target: int, args: argparse.N
         remove_columns=["sentence"],
     )
     teacher_scores = frontier_point.teacher_record(teacher_dir, teacher, tokenizer, reviews, MAX_LENGTH)
+    teacher_parameters = count_parameters(teacher)  # before the vocabulary trim, as RMT-KD's param_reduction
     kept_tokens = vocabulary_to_keep(tokenizer, dataset_token_ids(data["train"]))
     teacher = trim_embeddings(teacher.eval(), kept_tokens)  # every arm cuts from the same trimmed teacher
     output_dir = os.path.join(args.work_dir, "peers", f"{method}_{point}_s{seed}")
@@ -377,7 +378,6 @@ def peer_point(method: str, point: str, seed: int, target: int, args: argparse.N
     student = trainer.model.eval()
     trimmed_tokenizer = trim_tokenizer(tokenizer, kept_tokens)
     loads = save_arm(student, trimmed_tokenizer, output_dir)
-    teacher_parameters = count_parameters(frontier_point.converged_teacher(args.work_dir)[1])
     parameters = count_parameters(student)
     return {
         **row,

@@ -197,8 +197,14 @@ def _merge_files(source: str, destination: str) -> None:
     for name in (MANIFEST_FILENAME, "config.json"):  # the old model stops looking complete first
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(destination, name))
-    last = {"config.json": 1, MANIFEST_FILENAME: 2}
-    for name in sorted(os.listdir(source), key=lambda name: last.get(name, 0)):
+    move_files(source, destination, last=("config.json", MANIFEST_FILENAME))
+
+
+def move_files(source: str, destination: str, last: tuple[str, ...] = ()) -> None:
+    """Move every entry of ``source`` into ``destination`` (replacing what is there), the names in ``last`` after
+    the others and in that order: a reader that waits for them never sees a half-moved set."""
+    order = {name: position + 1 for position, name in enumerate(last)}
+    for name in sorted(os.listdir(source), key=lambda name: order.get(name, 0)):
         target = os.path.join(destination, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
@@ -334,6 +340,7 @@ def load_checkpoint(
     name_or_path: str | os.PathLike,
     allow_new_head: bool = False,
     output_loading_info: bool = False,
+    verify: bool = True,
     **kwargs,
 ) -> PreTrainedModel | tuple[PreTrainedModel, list[str]]:
     """``model_class.from_pretrained(name_or_path)``, safetensors only, after :func:`check_checkpoint` (local
@@ -346,13 +353,15 @@ def load_checkpoint(
         allow_new_head: accept a task head (the keys outside the base model, and the pooler) that is missing or
             of another number of labels, initialised anew: the teacher whose classifier is about to be trained.
         output_loading_info: also return the names of the head tensors initialised anew.
+        verify: run :func:`check_checkpoint` on a local folder first; ``False`` where the caller just did (it
+            hashes every weights file).
         kwargs: passed to ``from_pretrained``.
 
     Parameters are copied out of the memory-mapped file: with mapped storage, float32 matrix products round
     differently (~1e-6), and a resumed run must compute exactly what an uninterrupted one would.
     """
     name_or_path = os.fspath(name_or_path)
-    if os.path.isdir(name_or_path):
+    if verify and os.path.isdir(name_or_path):
         check_checkpoint(name_or_path)
     model, info = model_class.from_pretrained(
         name_or_path, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
@@ -498,6 +507,7 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict_file",
     "load_rng_state",
+    "move_files",
     "output_lock",
     "refuse_finished_output",
     "save_compressed",

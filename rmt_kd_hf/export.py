@@ -130,7 +130,9 @@ def _load_model(model_dir: str, auto_class: str, trust_remote_code: bool):
     import transformers
 
     try:
-        model = load_checkpoint(getattr(transformers, auto_class), model_dir, trust_remote_code=trust_remote_code)
+        model = load_checkpoint(  # _read_config has checked the folder
+            getattr(transformers, auto_class), model_dir, verify=False, trust_remote_code=trust_remote_code
+        )
     except ValueError as error:  # a missing tensor, shapes that differ from config.json
         raise ExportError(str(error)) from None
     return model.eval()

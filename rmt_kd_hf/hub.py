@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 from transformers.utils import logging
 
+from .checkpoint import move_files
 from .spectral_report import SPECTRA_FILENAME, load_spectra, plot_overview, plot_site
 from .trainer import HISTORY_FILENAME
 
@@ -321,11 +321,7 @@ def write_model_card(directory: str | os.PathLike, *, plots: bool = True, **card
             **card_kwargs,
         )
         card.save(os.path.join(staging, "README.md"))
-        for name in sorted(os.listdir(staging), key=lambda name: name == "README.md"):
-            target = os.path.join(directory, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
+        move_files(staging, directory, last=("README.md",))
     return card
 
 

@@ -90,6 +90,7 @@ def load_teacher(model_args: ModelArguments, num_labels: int, label_list, is_reg
         path,
         allow_new_head=True,
         output_loading_info=True,
+        verify=False,  # checked above
         config=config,
         cache_dir=model_args.cache_dir,
     )

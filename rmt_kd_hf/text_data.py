@@ -57,9 +57,10 @@ class DataTrainingArguments:
                 raise ValueError(f"Unknown task {self.task_name!r}; choose one of {', '.join(TASK_TO_KEYS)}.")
         elif self.train_file is None or self.validation_file is None:
             raise ValueError("Pass --task_name, or --train_file and --validation_file (csv or json).")
-        for path in (self.train_file, self.validation_file, self.test_file):
-            if path is not None and not path.endswith((".csv", ".json", ".jsonl")):
-                raise ValueError(f"{path}: data files must be .csv, .json or .jsonl")
+        for split, option in OPTIONS.items():
+            path = getattr(self, f"{split}_file")
+            if path is not None:
+                builder_for(path, option)
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> DatasetDict:
@@ -88,11 +89,17 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -
     return encode_labels(raw, {split: f"{OPTIONS[split]} {path}" for split, path in paths.items()})
 
 
-def load_file(path: str, option: str, cache_dir: str | None) -> Dataset:
-    """One csv/json/jsonl file as a ``Dataset``, refused if missing, empty, not UTF-8 or unparsable."""
+def builder_for(path: str, option: str) -> str:
+    """The ``datasets`` builder that reads ``path`` (given as ``option``), by its extension."""
     builder_name = BUILDERS.get(os.path.splitext(path)[1].lower())
     if builder_name is None:
         raise ValueError(f"{option} {path}: data files must be .csv, .json or .jsonl; save it as one of those.")
+    return builder_name
+
+
+def load_file(path: str, option: str, cache_dir: str | None) -> Dataset:
+    """One csv/json/jsonl file as a ``Dataset``, refused if missing, empty, not UTF-8 or unparsable."""
+    builder_name = builder_for(path, option)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{option} {path} does not exist; check the path.")
     check_utf8(path, option)

@@ -613,7 +613,7 @@ class RMTKDTrainer(Trainer):
         refuse_empty_sites(analyses, stage_names, args.min_width)
         record = _stage_record(index, stage_names, quantile, analyses)
         self._stage_spectra[index] = spectra_record(analyses, stage_names)
-        if all(analyses[name].kept_width == analyses[name].site.dim for name in stage_names):
+        if _cuts_nothing(analyses, stage_names):
             record.update(status="skipped: nothing above λ+ left to cut", seconds=time.perf_counter() - start)
             return record
         candidate, outcome = self._cut_and_judge(surgery, previous, analyses, history)
@@ -626,7 +626,7 @@ class RMTKDTrainer(Trainer):
             self._seed_stage(index)  # every try from the same state, as a resumed run would redo it
             refitted = refit_sites(fitted, milder, args.mp_refine, args.sigma_quantile_shifts)
             analyses = self._planned(refitted, stage_names)
-            if all(analyses[name].kept_width == analyses[name].site.dim for name in stage_names):
+            if _cuts_nothing(analyses, stage_names):
                 passed = milder  # nothing to cut this mildly: try stronger
                 tries.append({"sigma_quantile": milder, "status": "skipped: nothing above λ+ left to cut"})
                 continue
@@ -942,6 +942,10 @@ def _weights_mb(model: nn.Module) -> float:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cuts_nothing(analyses: Mapping[str, SiteAnalysis], names: Sequence[str]) -> bool:
+    return all(analyses[name].kept_width == analyses[name].site.dim for name in names)
 
 
 def _try_summary(quantile: float, outcome: Mapping) -> dict:
