@@ -25,7 +25,7 @@ import sys
 import torch
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
-from rmt_kd_hf.trainer import model_fingerprint
+from rmt_kd_hf.stage_checkpoints import model_fingerprint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dense_equivalent import alternating_latency, dense_equivalent_config  # noqa: E402

@@ -38,7 +38,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 import rmt_kd_hf  # noqa: F401  (registers the RMTBert auto classes)
 from rmt_kd_hf.data import default_teacher_path, load_movie_reviews
 from rmt_kd_hf.reports import parameter_counts, text_classification_accuracy
-from rmt_kd_hf.trainer import model_fingerprint
+from rmt_kd_hf.stage_checkpoints import model_fingerprint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from minilm_movie_reviews import trainer_for  # noqa: E402

@@ -373,6 +373,9 @@ def peer_point(method: str, point: str, seed: int, target: int, args: argparse.N
         student, settings, bases = prune(method, teacher, trainer, target, len(kept_tokens), seed, args)
     except (ValueError, RuntimeError, ImportError) as error:
         return {**row, "status": f"could not run: {error}", "test_accuracy": None, "validation_accuracy": None}
+    trainer.model = student  # the cut alone, before any training: how much the criterion itself keeps
+    before = trainer.evaluate(metric_key_prefix="before_distillation")["before_distillation_accuracy"]
+    trainer.model = teacher
     torch.manual_seed(seed)
     trainer.distil(student, teacher, bases)
     student = trainer.model.eval()
@@ -386,6 +389,7 @@ def peer_point(method: str, point: str, seed: int, target: int, args: argparse.N
         "parameters": parameters,
         "param_reduction": 1 - parameters / teacher_parameters,
         **frontier_point.split_accuracies(student, trimmed_tokenizer, reviews, MAX_LENGTH),
+        "validation_accuracy_before_distillation": before,
         "loads_with_from_pretrained": loads,
         "checkpoint": output_dir,
         **teacher_scores,
@@ -482,7 +486,6 @@ def save_arm(model: nn.Module, tokenizer, directory: str) -> bool:
 def load_arm(directory: str) -> nn.Module:
     """The model :func:`save_arm` saved (or a ``frontier_point.py`` checkpoint), in eval mode."""
     from safetensors.torch import load_file
-    from transformers import BertConfig
 
     from rmt_kd_hf.checkpoint import load_checkpoint
 
@@ -491,19 +494,69 @@ def load_arm(directory: str) -> nn.Module:
         return load_checkpoint(AutoModelForSequenceClassification, directory).eval()
     with open(structure_path) as file:
         structure = json.load(file)
-    with open(os.path.join(directory, "config.json")) as file:  # its head count may not divide the hidden size
-        config = BertConfig.from_dict({**json.load(file), "num_attention_heads": 1})
-    model = BertForSequenceClassification(config)
-    hidden, head_size = model.config.hidden_size, structure["head_size"]
-    for layer, heads in zip(model.bert.encoder.layer, structure["heads_per_layer"], strict=True):
+    with open(os.path.join(directory, "config.json")) as file:
+        model = bert_with_heads(json.load(file), structure["heads_per_layer"], structure["head_size"])
+    model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+    return model.eval()
+
+
+def bert_with_heads(config: dict, heads_per_layer: Sequence[int], head_size: int) -> BertForSequenceClassification:
+    """A randomly initialised ``BertForSequenceClassification`` of ``config`` whose layers have ``heads_per_layer``
+    heads of ``head_size`` (which ``BertConfig`` cannot say when heads × head size differs from the hidden size)."""
+    from transformers import BertConfig
+
+    model = BertForSequenceClassification(BertConfig.from_dict({**config, "num_attention_heads": 1}))
+    hidden = model.config.hidden_size
+    for layer, heads in zip(model.bert.encoder.layer, heads_per_layer, strict=True):
         attention = layer.attention.self
         for name in ("query", "key", "value"):
             setattr(attention, name, nn.Linear(hidden, heads * head_size))
         layer.attention.output.dense = nn.Linear(heads * head_size, hidden)
         attention.num_attention_heads, attention.attention_head_size = heads, head_size
         attention.all_head_size, attention.scaling = heads * head_size, head_size**-0.5
-    model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
     return model.eval()
+
+
+def timing_model(row: dict, teacher: BertForSequenceClassification) -> tuple[nn.Module, str]:
+    """The model to time for ``row``: its checkpoint when it is still in ``outputs/``, else a model of the shapes
+    the row records, randomly initialised (the weights do not change the time); with what was used."""
+    if os.path.exists(os.path.join(row["checkpoint"], "config.json")):
+        return load_arm(row["checkpoint"]), "checkpoint"
+    config = teacher.config.to_dict()
+    layers, head_size = config["num_hidden_layers"], config["hidden_size"] // config["num_attention_heads"]
+    settings = row["settings"]
+    if row["method"] == "rmt-kd":
+        from rmt_kd_hf.models.rmt_bert.configuration_rmt_bert import RMTBertConfig
+        from rmt_kd_hf.models.rmt_bert.modeling_rmt_bert import RMTBertForSequenceClassification
+
+        run = frontier_run(row)
+        rmt_config = RMTBertConfig.from_dict({**config, **run["widths"], "vocab_size": run["vocabulary"]})
+        return RMTBertForSequenceClassification(rmt_config).eval(), "recorded widths, random weights"
+    vocabulary = frontier_run(row)["vocabulary"] if "vocabulary" not in row else row["vocabulary"]
+    if row["method"].startswith("torch-pruning"):
+        shapes = {"hidden_size": settings["hidden_size"], "intermediate_size": settings["intermediate_size"]}
+        heads = settings["num_attention_heads"]
+    else:  # textpruner: the hidden size stays
+        shapes, heads = {"intermediate_size": settings["ffn_size"]}, settings["heads"]
+    model = bert_with_heads({**config, **shapes, "vocab_size": vocabulary}, [heads] * layers, head_size)
+    return model, "recorded shapes, random weights"
+
+
+def frontier_run(row: dict) -> dict:
+    """The ``frontier_points.jsonl`` run of the RMT-KD row of ``row``'s point, seed and teacher."""
+    point = POINTS[row["point"]]
+    for line in open(frontier_point.RESULTS):
+        run = json.loads(line)
+        if (
+            run.get("teacher_fingerprint") == row["teacher_fingerprint"]
+            and run["kind"] == "point"
+            and run["seed"] == row["seed"]
+            and run["steps"] == DISTILLATION["steps"]
+            and run["target_parameter_ratio"] == point["target_ratio"]
+            and (point["target_ratio"] is not None or run["quantile"] == point["quantile"])
+        ):
+            return run
+    raise LookupError(f"no frontier_points.jsonl run for {row['point']} seed {row['seed']}")
 
 
 def loads_back(model: nn.Module, directory: str) -> bool:
@@ -520,17 +573,21 @@ def loads_back(model: nn.Module, directory: str) -> bool:
 
 
 def latency_rows(results: dict, args: argparse.Namespace) -> None:
-    """Speed-ups at batch 1 and 32 (seq 128) of every arm's seed-0 model against the teacher, measured in this
-    process in alternating rounds; written into the rows of that arm."""
+    """Speed-ups at batch 1 and 32 (seq 128) of one model per arm against the teacher, measured in this process in
+    alternating rounds; written into every row of that arm. The model is the newest seed's checkpoint still in
+    ``outputs/``, or one of the recorded shapes (:func:`timing_model`)."""
     from rmt_kd_hf.reports import cpu_latency
 
     _, teacher = frontier_point.converged_teacher(args.work_dir)
     teacher.eval()
-    arms = {}
+    newest = {}
     for row in results["points"]:
-        if row["status"] == "ok" and row["seed"] == 0:
-            arms[(row["method"], row["point"])] = row["checkpoint"]
-    models = {key: load_arm(checkpoint) for key, checkpoint in arms.items()}
+        if row["status"] == "ok":
+            newest[(row["method"], row["point"])] = row  # rows are appended in order: the last is the newest
+    models, timed = {}, {}
+    for key, row in newest.items():
+        models[key], source = timing_model(row, teacher)
+        timed[key] = {"seed": row["seed"], "model": source, "parameters": count_parameters(models[key])}
     timings = {key: {1: [], 32: []} for key in [("teacher", ""), *models]}
     for _ in range(args.latency_rounds):
         for batch_size, repeats in ((1, 10), (32, 3)):
@@ -545,6 +602,8 @@ def latency_rows(results: dict, args: argparse.Namespace) -> None:
             row["speedup_b1"] = median[("teacher", "")][1] / median[key][1]
             row["speedup_b32"] = median[("teacher", "")][32] / median[key][32]
             row["latency_threads"] = torch.get_num_threads()
+            row["latency_rounds"] = args.latency_rounds
+            row["timed"] = timed[key]
 
 
 def main(argv=None) -> dict:
@@ -552,17 +611,27 @@ def main(argv=None) -> dict:
     results = load_results()
     if not args.tables_only:
         command = shlex.join(["python", "benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])])
-        done = {(row["method"], row["point"], row["seed"]) for row in results["points"]}
+        _, teacher = frontier_point.converged_teacher(args.work_dir)
+        fingerprint = frontier_point.model_fingerprint(teacher)
+        del teacher
         for point in args.points:
-            target = rmt_kd_point(point, 0, args.work_dir)["parameters"]  # every peer is cut to RMT-KD's size
             for seed in args.seeds:
-                for method in args.methods:
-                    if (method, point, seed) in done:
-                        continue
+                # a (point, seed) block is compared within one teacher: its arms are run from the same one
+                block = [row for row in results["points"] if row["point"] == point and row["seed"] == seed]
+                teachers = {row["teacher_fingerprint"] for row in block if "teacher_fingerprint" in row}
+                missing = [method for method in args.methods if method not in {row["method"] for row in block}]
+                if missing and teachers - {fingerprint}:
+                    print(f"{point} seed {seed}: its runs so far come from another teacher; skipping {missing}")
+                    continue
+                reference = next((row for row in block if row["method"] == "rmt-kd"), None)
+                for method in missing:
                     if method == "rmt-kd":
-                        row = rmt_kd_row(rmt_kd_point(point, seed, args.work_dir), point)
+                        row = reference = rmt_kd_row(rmt_kd_point(point, seed, args.work_dir), point)
                     else:
-                        row = peer_point(method, point, seed, target, args)
+                        if reference is None:
+                            reference = rmt_kd_row(rmt_kd_point(point, seed, args.work_dir), point)
+                        # every peer is cut to the size of RMT-KD's run at the same point, seed and teacher
+                        row = peer_point(method, point, seed, reference["parameters"], args)
                     results["points"].append({**row, "command": command})
                     save_results(results)
         if args.latency_rounds:
@@ -588,9 +657,13 @@ def write_tables(results: dict) -> None:
         "Every arm: the converged MiniLM-L6 teacher, the same trimmed vocabulary, cut to the parameter count of an "
         "RMT-KD frontier point (±1%), then the same 600-step distillation (α = 0.7, T = 1, lr 1e-4, batch 32, "
         "hidden-state term β = 1 in each arm's kept basis). Accuracy: mean ± standard error over seeds (no ± with "
-        "one seed); Δ: the difference from RMT-KD at the same point, ± the standard error of that difference. "
-        "Speed-ups: seed-0 models, batch 1 and 32 × 128 tokens, median of alternating rounds against the teacher "
-        "in one process. Command: `python benchmarks/peers.py --work_dir outputs/bench`.",
+        "one seed); Δ: the mean over seeds of the difference from RMT-KD's run of the same point and seed, ± its "
+        "standard error (the runs of one seed start from the same teacher, `teacher_fingerprint` in `peers.json`; a "
+        "fresh `outputs/` trains another teacher, since CPU training is not bit-reproducible here). Speed-ups: one "
+        "model per arm "
+        "(`timed` in `peers.json`: a checkpoint, or the recorded shapes with random weights when the checkpoint is "
+        "gone), batch 1 and 32 × 128 tokens, median of alternating rounds against the teacher in one process. "
+        "Command: `python benchmarks/peers.py --work_dir outputs/bench`.",
         "",
     ]
     rows = results["points"]
@@ -618,11 +691,13 @@ def write_tables(results: dict) -> None:
             for split in ("test_accuracy", "validation_accuracy"):
                 mean, error = mean_and_error([row[split] for row in ok])
                 cells.append(f"{100 * mean:.2f}" + (f" ± {100 * error:.2f}" if len(ok) > 1 else ""))
-                if method != "rmt-kd" and reference:
-                    base, base_error = mean_and_error([row[split] for row in reference])
-                    spread = len(ok) > 1 and len(reference) > 1  # one seed on a side: no standard error
-                    error_text = f" ± {100 * math.hypot(error, base_error):.2f}" if spread else ""
-                    cells.append(f"{100 * (mean - base):+.2f}{error_text}")
+                base = {row["seed"]: row for row in reference}
+                paired = [row[split] - base[row["seed"]][split] for row in ok if row["seed"] in base]
+                if method != "rmt-kd" and paired:
+                    # paired by seed: both arms of a seed come from the same teacher and the same vocabulary
+                    difference, difference_error = mean_and_error(paired)
+                    error_text = f" ± {100 * difference_error:.2f}" if len(paired) > 1 else ""
+                    cells.append(f"{100 * difference:+.2f}{error_text}")
                 else:
                     cells.append("")
             speed = [f"{ok[0][key]:.2f}×" if key in ok[0] else "" for key in ("speedup_b1", "speedup_b32")]
@@ -630,6 +705,16 @@ def write_tables(results: dict) -> None:
             lines.append(
                 f"| {method} | {len(ok)} | {100 * reduction:.1f}% | {' | '.join(cells)} | {' | '.join(speed)} "
                 f"| {ok[0]['loads_with_from_pretrained']} | ok |"
+            )
+        teachers = {}
+        for row in at_point:
+            if row["status"] == "ok":
+                teachers.setdefault(row["teacher_fingerprint"], (row, set()))[1].add(row["seed"])
+        lines.append("")
+        for fingerprint, (row, seeds) in teachers.items():
+            lines.append(
+                f"Teacher `{fingerprint[:12]}` (validation {100 * row['teacher_validation_accuracy']:.2f}%, test "
+                f"{100 * row['teacher_test_accuracy']:.2f}%): seeds {', '.join(map(str, sorted(seeds)))}."
             )
         lines.append("")
     with open(os.path.join(RESULTS_DIR, "peers.md"), "w") as file:

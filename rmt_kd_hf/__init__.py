@@ -13,6 +13,7 @@ from .calibration import ActivationTap, collect_covariances
 from .compression import CompressionReport, analyse_sites, compress_model, format_widths_table, plan_widths
 from .config import RMTKDConfig
 from .export import export_onnx
+from .losses import distillation_loss
 from .models.rmt_bert import (
     RMTBertConfig,
     RMTBertForQuestionAnswering,
@@ -31,7 +32,7 @@ from .spectral import (
     marchenko_pastur_pdf,
 )
 from .spectral_report import spectral_report
-from .trainer import RMTKDTrainer, distillation_loss
+from .trainer import RMTKDTrainer
 
 __version__ = "0.1.0"
 

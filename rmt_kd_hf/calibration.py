@@ -6,6 +6,7 @@ tensor of a module to read, and which axis holds the features.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -149,3 +150,50 @@ def collect_covariances(
 
 
 __all__ = ["ActivationTap", "collect_covariances", "forward_inputs"]
+
+
+def calibration_rows(num_rows: int, size: int, seed: int = 0) -> tuple[list[int], str]:
+    """``size`` sorted row ids drawn (seeded) from ``range(num_rows)`` and the SHA-256 of that id list."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = sorted(torch.randperm(num_rows, generator=generator)[:size].tolist())
+    return rows, hashlib.sha256(",".join(map(str, rows)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """Which training rows calibrate, in which fixed batches, and this process's share of those batches.
+
+    Attributes:
+        rows: training-set indices, seeded (:func:`calibration_rows`).
+        row_ids_sha256: SHA-256 of ``rows``, recorded in the history.
+        batches: this process's batches, as positions in ``rows``: every ``world_size``-th batch of a one-process
+            run, so the batches (rows, padding, hence float32 activations) are those of one process and no row is
+            padded in twice, as an evaluation loader would; the covariance sums are added across processes.
+    """
+
+    rows: list[int]
+    row_ids_sha256: str
+    batches: list[list[int]]
+
+
+def plan_calibration(
+    num_train_rows: int,
+    fraction: float,
+    max_samples: int | None,
+    seed: int,
+    batch_size: int,
+    world_size: int = 1,
+    process_index: int = 0,
+) -> CalibrationPlan:
+    """``fraction`` of the training rows (at most ``max_samples``, at least one) in batches of ``batch_size``."""
+    size = max(1, round(fraction * num_train_rows))
+    if max_samples is not None:
+        size = min(size, max_samples)
+    rows, digest = calibration_rows(num_train_rows, size, seed)
+    batches = [list(range(start, min(start + batch_size, len(rows)))) for start in range(0, len(rows), batch_size)]
+    if len(batches) < world_size:
+        raise ValueError(
+            f"{len(rows)} calibration rows make {len(batches)} batches of {batch_size}, fewer than the "
+            f"{world_size} processes: lower per_device_eval_batch_size or raise calibration_fraction."
+        )
+    return CalibrationPlan(rows, digest, batches[process_index::world_size])

@@ -26,11 +26,8 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .compression import CompressionReport
+from .filenames import LOCK_FILENAME, MANIFEST_FILENAME, REPORT_FILENAME
 
-REPORT_FILENAME = "rmt_kd_report.json"
-# SHA-256 of every weights file, written last by every save: its presence marks the save complete
-MANIFEST_FILENAME = "rmt_kd_manifest.json"
-LOCK_FILENAME = ".rmt_kd.lock"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 

@@ -13,83 +13,25 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
+import json
 import os
 import sys
 import tempfile
 import traceback
 from collections.abc import Sequence
 
+import torch
+import transformers
+from datasets import load_dataset
+
 from .checkpoint import OutputFolderBusyError, load_checkpoint
+from .data import text_dataloader
 from .export import DEFAULT_OPSET, Int8Settings, export_onnx, ort_latency, ort_session
-from .spectral_report import POOR_FIT_KS_DISTANCE, SPECTRA_FILENAME, spectral_report
+from .filenames import SPECTRA_FILENAME
+from .reports import cpu_latency, parameter_counts, safetensors_size_mb
+from .spectral_report import POOR_FIT_KS_DISTANCE, spectral_report
 from .surgery import get_surgery
-
-
-def parse_dataclass_arguments(dataclass_types: tuple, argv: Sequence[str] | None = None, prog: str | None = None):
-    """Parse ``argv`` into ``dataclass_types`` with ``HfArgumentParser`` (``--help`` shows every default); a single
-    ``.json`` argument is read as a file of arguments, as in transformers' examples."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(dataclass_types, prog=prog)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def setup_logging(training_args, logger: logging.Logger) -> None:
-    """Log to stdout at the level ``training_args`` gives this process (main process: ``log_level``)."""
-    import datasets
-    import transformers
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-
-
-def train_teacher(trainer, teacher_dir: str | None = None, teacher_learning_rate: float | None = None) -> None:
-    """Train ``trainer.model`` with ``Trainer.train`` (at ``teacher_learning_rate`` if given), then save it atomically
-    to ``teacher_dir`` so that a resumed run finds the same teacher.
-
-    ``resume_from_checkpoint=True`` resumes this training only from a Trainer checkpoint that exists (``compress()``
-    resumes its own stages); the optimizer is reset afterwards so that ``compress()`` starts its own.
-    """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from .checkpoint import save_compressed
-
-    training_args = trainer.args
-    learning_rate = training_args.learning_rate
-    if teacher_learning_rate is not None:
-        training_args.learning_rate = teacher_learning_rate
-    resume = training_args.resume_from_checkpoint
-    if resume in (True, "True"):
-        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    finally:
-        training_args.learning_rate = learning_rate
-    trainer.log_metrics("teacher_train", result.metrics)
-    trainer.save_metrics("teacher_train", result.metrics)
-    if teacher_dir and trainer.is_world_process_zero():
-        save_compressed(trainer.model, teacher_dir, trainer.processing_class, overwrite=True)
-    trainer.optimizer, trainer.lr_scheduler = None, None
-
-
-def evaluate_split(trainer, split: str, dataset=None) -> dict:
-    """``trainer.evaluate`` on ``dataset`` (default: the eval set) with ``split`` as the metric prefix; the metrics
-    are logged and saved to ``{split}_results.json`` as transformers' examples do."""
-    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=split)
-    trainer.log_metrics(split, metrics)
-    trainer.save_metrics(split, metrics)
-    return metrics
+from .text_classification import run as run_text_classification
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,10 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _calibration_dataloader(args: argparse.Namespace, tokenizer):
-    from datasets import load_dataset
-
-    from .data import text_dataloader
-
     extension = os.path.splitext(args.data)[1].lstrip(".").lower()
     builder = {"csv": "csv", "json": "json", "jsonl": "json"}.get(extension)
     if builder is None:
@@ -223,13 +161,6 @@ def run_report(args: argparse.Namespace) -> dict:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    import json
-
-    import torch
-    import transformers
-
-    from .reports import cpu_latency, parameter_counts, safetensors_size_mb
-
     if args.threads:
         torch.set_num_threads(args.threads)
     auto_class = getattr(transformers, args.auto_class, None)
@@ -322,9 +253,7 @@ def run_export(args: argparse.Namespace):
 
 def run_compress(argv: list[str]) -> dict:
     """``rmt-kd compress``: the arguments of ``examples/text-classification/run_glue.py``."""
-    from .text_classification import run
-
-    return run(argv, prog="rmt-kd compress")
+    return run_text_classification(argv, prog="rmt-kd compress")
 
 
 # Errors that come from the user's input or the environment: reported in one line. Anything else is a bug and

@@ -14,9 +14,10 @@ from torch import nn
 from transformers.utils import logging
 
 from .calibration import collect_covariances
+from .planning import BudgetSearch, mildest_quantile_within
 from .spectral import MarchenkoPasturFit, eigendecompose, fit_marchenko_pastur
 from .surgery import get_surgery
-from .surgery.base import Site, SiteAnalysis, count_parameters
+from .surgery.base import Site, SiteAnalysis, count_parameters, count_parameters_for_config
 
 logger = logging.get_logger(__name__)
 
@@ -165,6 +166,43 @@ def plan_widths(
         analysis.kept_width = width
         plan[name] = width
     return plan
+
+
+def plan_stage(
+    analyses: dict[str, SiteAnalysis], stage_names: Iterable[str], min_width: int = 1
+) -> dict[str, SiteAnalysis]:
+    """``analyses`` with RMT widths planned for a stage's sites (``stage_names``); the other sites keep every
+    direction."""
+    stage_names = set(stage_names)
+    fixed = {name: analysis.site.dim for name, analysis in analyses.items() if name not in stage_names}
+    plan_widths(analyses, kept_widths=fixed, min_width=min_width)
+    return analyses
+
+
+def cuts_nothing(analyses: Mapping[str, SiteAnalysis], names: Iterable[str]) -> bool:
+    """Whether every site of ``names`` keeps all its directions."""
+    return all(analyses[name].kept_width == analyses[name].site.dim for name in names)
+
+
+def plan_stage_for_budget(
+    surgery,
+    model: nn.Module,
+    analyses: dict[str, SiteAnalysis],
+    stage_names: list[str],
+    target_parameters: float,
+    mp_refine: bool,
+    quantile_shifts: Mapping[str, float] | None = None,
+    min_width: int = 1,
+) -> BudgetSearch[dict[str, SiteAnalysis]]:
+    """The mildest σ² quantile whose stage plan leaves ``model`` with at most ``target_parameters`` (counted from the
+    compressed config, nothing is built), and that plan."""
+
+    def parameters_at(quantile: float) -> tuple[int, dict[str, SiteAnalysis]]:
+        plan = plan_stage(refit_sites(analyses, quantile, mp_refine, quantile_shifts), stage_names, min_width)
+        widths = {name: analysis.kept_width for name, analysis in plan.items()}
+        return count_parameters_for_config(type(model), surgery.compressed_config(model, widths)), plan
+
+    return mildest_quantile_within(parameters_at, target_parameters)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
@@ -50,10 +51,23 @@ class RMTKDConfig(TrainingArguments):
         max_metric_drop (`float`, defaults to `0.01`):
             A stage is rolled back when its validation metric falls more than this below the teacher's
             (absolute: 0.01 = one accuracy point).
+        target_metric_drop (`float`, *optional*):
+            Accuracy-targeted mode: the strongest cut whose validation metric stays within this of the teacher's
+            (absolute, like `max_metric_drop`, which it replaces as the floor). Each stage's σ² quantile is
+            bisected both ways over `stage_retries` more tries: stronger after a cut that passes, milder after one
+            that is rolled back; the strongest that passes is kept. `rmt-kd compress` uses 0.01 when no other
+            target or floor is given.
         stage_retries (`int`, defaults to `3`):
             A stage that is rolled back is tried again this many times with milder cuts (its σ² quantile bisected
             between the strongest cut that passed, at first none, and the mildest that failed); the strongest cut
-            that passes is kept. Each try costs a distillation. 0: a rolled-back stage ends the run.
+            that passes is kept. Each try costs a distillation. 0: a rolled-back stage ends the run. With
+            `target_metric_drop`, the tries also look for stronger cuts after one that passes.
+        screening_fraction (`float`, defaults to `0.1`):
+            Every cut is screened after this fraction of `stage_max_steps`: one evaluation, and a cut whose metric is
+            then more than `screening_margin` below the floor stops there and is rolled back (a hopeless cut costs a
+            tenth of a stage). Passing cuts train exactly as without screening. 0 turns it off.
+        screening_margin (`float`, defaults to `0.05`):
+            How far below the floor a screened cut may still be (absolute): distillation recovers that much.
         compression_metric (`str`, defaults to `"accuracy"`):
             Validation metric (a key of `compute_metrics`, without `eval_`) checked against the floor.
         target_parameter_ratio (`float`, *optional*):
@@ -121,6 +135,18 @@ class RMTKDConfig(TrainingArguments):
     stage_retries: int = field(
         default=3, metadata={"help": "Milder cuts tried (quantile bisection) after a stage is rolled back."}
     )
+    target_metric_drop: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the strongest cut within this drop of the teacher's metric (quantile searched both ways)."
+        },
+    )
+    screening_fraction: float = field(
+        default=0.1, metadata={"help": "Screen each cut after this fraction of stage_max_steps (0: off)."}
+    )
+    screening_margin: float = field(
+        default=0.05, metadata={"help": "A screened cut this far below the floor is rolled back at once."}
+    )
     compression_metric: str = field(default="accuracy", metadata={"help": "Validation metric checked per stage."})
     target_parameter_ratio: float | None = field(
         default=None, metadata={"help": "Stop at this fraction of the teacher's parameters (e.g. 0.4)."}
@@ -183,6 +209,9 @@ class RMTKDConfig(TrainingArguments):
             "max_metric_drop": 0.0 <= self.max_metric_drop < math.inf,
             "stage_max_steps": self.stage_max_steps >= 0,
             "stage_retries": self.stage_retries >= 0,
+            "target_metric_drop": self.target_metric_drop is None or 0.0 <= self.target_metric_drop < math.inf,
+            "screening_fraction": 0.0 <= self.screening_fraction < 1.0,
+            "screening_margin": 0.0 <= self.screening_margin < math.inf,
             "max_stages": self.max_stages is None or self.max_stages >= 1,
             "min_width": self.min_width >= 1,
             "width_multiple": self.width_multiple >= 1,
@@ -203,6 +232,9 @@ class RMTKDConfig(TrainingArguments):
             "max_metric_drop": "finite and >= 0 (1.0 never rolls back an accuracy)",
             "stage_max_steps": ">= 0",
             "stage_retries": ">= 0",
+            "target_metric_drop": "finite and >= 0, or None",
+            "screening_fraction": "in [0, 1)",
+            "screening_margin": "finite and >= 0",
             "max_stages": ">= 1 or None",
             "min_width": ">= 1",
             "width_multiple": ">= 1",
@@ -234,6 +266,11 @@ class RMTKDConfig(TrainingArguments):
                 raise ValueError(f"sigma_quantile_shifts[{kind!r}] must be a number in (-1, 1), got {shift!r}")
         self.sigma_quantile_shifts = {kind: float(shift) for kind, shift in shifts.items()}
 
+    @property
+    def allowed_metric_drop(self) -> float:
+        """How far below the teacher's validation metric a kept cut may be: the floor's distance."""
+        return self.target_metric_drop if self.target_metric_drop is not None else self.max_metric_drop
+
     def surgery_options(self) -> dict:
         """The architecture options that differ from their defaults (so ResNets, which take none, accept the
         defaults)."""
@@ -247,8 +284,6 @@ class RMTKDConfig(TrainingArguments):
 
 
 def _has_accelerator() -> bool:
-    import torch
-
     return (
         torch.cuda.is_available()
         or torch.backends.mps.is_available()

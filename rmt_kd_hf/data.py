@@ -5,7 +5,6 @@ Online users pass hub ids and dataset names instead; these helpers only locate p
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -13,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from .calibration import calibration_rows
 
 MOVIE_REVIEW_LABELS = ("rotten", "fresh")  # label ids 0, 1
 
@@ -83,13 +84,6 @@ def write_movie_review_csvs(output_dir: str | os.PathLike, seed: int = 0) -> dic
         paths[split] = os.path.join(os.fspath(output_dir), f"{split}.csv")
         dataset.to_csv(paths[split], index=False)
     return paths
-
-
-def calibration_rows(num_rows: int, size: int, seed: int = 0) -> tuple[list[int], str]:
-    """``size`` sorted row ids drawn (seeded) from ``range(num_rows)`` and the SHA-256 of that id list."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = sorted(torch.randperm(num_rows, generator=generator)[:size].tolist())
-    return rows, hashlib.sha256(",".join(map(str, rows)).encode()).hexdigest()
 
 
 def calibration_subset(dataset: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, str]:

@@ -24,11 +24,9 @@ import numpy as np
 import torch
 
 from .checkpoint import check_checkpoint, load_checkpoint, staged_directory
+from .filenames import EXPORT_INFO_FILENAME, ONNX_FILENAME, QUANTIZED_FILENAME
 from .reports import median_seconds
 
-ONNX_FILENAME = "model.onnx"
-QUANTIZED_FILENAME = "model_quantized.onnx"
-EXPORT_INFO_FILENAME = "rmt_kd_export.json"
 ONNX_EXTRA = "pip install 'rmt-kd-hf[onnx]'"
 DEFAULT_OPSET = 18
 # the model types whose graphs export_onnx has been tested on, by input kind

@@ -15,19 +15,22 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import resources
+from importlib.metadata import version
 
+import torch
+import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 from transformers.utils import logging
 
 from .checkpoint import move_files
-from .spectral_report import SPECTRA_FILENAME, load_spectra, plot_overview, plot_site
-from .trainer import HISTORY_FILENAME
+from .filenames import PLOTS_DIRNAME, SPECTRA_FILENAME
+from .history import CutOutcome, RunHistory
+from .spectral_report import _pyplot, load_spectra, plot_overview, plot_site
 
 logger = logging.get_logger(__name__)
 
 MODEL_CARD_TEMPLATE = "rmt_kd_model_card.md"
-PLOTS_DIRNAME = "spectra"
 TAGS = ("rmt-kd", "knowledge-distillation", "compression", "marchenko-pastur")
 _TASKS = {  # architecture suffix -> (pipeline/task tag, Auto class)
     "ForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
@@ -50,39 +53,31 @@ def weights_megabytes(model: nn.Module) -> float:
 
 def run_provenance(teacher: nn.Module) -> dict:
     """What a card needs to say where a run came from: the command line, the teacher and library versions."""
-    import torch
-    import transformers
-
-    from . import __version__
-
     return {
         "command": shlex.join(["python", *sys.argv] if sys.argv and sys.argv[0].endswith(".py") else sys.argv),
         "teacher_name_or_path": getattr(getattr(teacher, "config", None), "_name_or_path", "") or "",
         "teacher_weights_mb": weights_megabytes(teacher),
-        "versions": {"rmt_kd_hf": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "versions": {
+            "rmt_kd_hf": version("rmt-kd-hf"),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
     }
 
 
-def load_history(directory: str | os.PathLike) -> dict:
+def load_history(directory: str | os.PathLike) -> RunHistory:
     """``rmt_kd_history.json`` of a compression run, or a FileNotFoundError saying how to produce it."""
-    path = os.path.join(os.fspath(directory), HISTORY_FILENAME)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: model cards are generated from the history that RMTKDTrainer.compress() "
-            f"writes into its output_dir. Run compress() first (or point at that output_dir)."
-        )
-    with open(path) as file:
-        return json.load(file)
+    return RunHistory.load(directory)
 
 
-def final_metric(history: Mapping) -> float:
-    """The compressed model's validation metric: the saved folder's, scored with its saved tokenizer, where the run
-    recorded it (``rmt-kd compress``); otherwise the last accepted stage's, or the teacher's if none was."""
-    key = f"eval_{history['config']['compression_metric']}"
-    if key in history.get("final", {}):
-        return float(history["final"][key])
-    accepted = [stage for stage in history["stages"] if stage["status"] == "accepted"]
-    return float(accepted[-1][key] if accepted else history["teacher"][key])
+def as_history(history: RunHistory | Mapping) -> RunHistory:
+    """``history`` as a :class:`~rmt_kd_hf.history.RunHistory` (parsed from its JSON form if need be)."""
+    return history if isinstance(history, RunHistory) else RunHistory.from_dict(history)
+
+
+def final_metric(history: RunHistory | Mapping) -> float:
+    """The compressed model's validation metric (:meth:`RunHistory.final_metric`)."""
+    return as_history(history).final_metric()
 
 
 def _number(value: float | int | None, digits: int = 4) -> str:
@@ -94,29 +89,36 @@ def _number(value: float | int | None, digits: int = 4) -> str:
 
 
 def _results_rows(
-    history: Mapping, measurements: Mapping[str, Sequence] | None, images: bool = False
+    history: RunHistory, measurements: Mapping[str, Sequence] | None, images: bool = False
 ) -> list[tuple[str, str, str]]:
-    metric = history["config"]["compression_metric"]
-    teacher, final = history["teacher"], history["final"]
+    metric, teacher, final = history.metric_name, history.teacher, history.final
     rows = [
-        (f"{metric} (validation)", f"{teacher[f'eval_{metric}']:.4f}", f"{final_metric(history):.4f}"),
+        (f"{metric} (validation)", f"{teacher.metric:.4f}", f"{history.final_metric():.4f}"),
         (
             "parameters",
-            _number(teacher["num_parameters"]),
-            f"{final['num_parameters']} ({final['num_parameters'] / teacher['num_parameters']:.1%})",
+            _number(teacher.num_parameters),
+            f"{final.num_parameters} ({final.num_parameters / teacher.num_parameters:.1%})",
         ),
     ]
-    vocabulary = history.get("vocabulary")
-    if vocabulary:  # trimmed to the training set's tokens; the saved tokenizer matches
-        rows.append(("vocabulary (tokens)", _number(vocabulary["teacher_size"]), _number(vocabulary["kept_size"])))
-    provenance = history.get("provenance", {})
-    if "teacher_weights_mb" in provenance or "weights_mb" in final:
-        rows.append(("weights (MB)", _number(provenance.get("teacher_weights_mb")), _number(final.get("weights_mb"))))
-    if "cpu_latency_seconds" in teacher:  # measured when the run had a latency target
-        ratios = [stage["latency_ratio"] for stage in history["stages"] if stage["status"] == "accepted"]
-        compressed = teacher["cpu_latency_seconds"] * ratios[-1] if ratios else teacher["cpu_latency_seconds"]
-        rows.append(("CPU latency (s)", _number(teacher["cpu_latency_seconds"]), _number(compressed)))
-    latency = history.get("latency", {})
+    if history.test:  # scored by rmt-kd compress --do_predict
+        test = history.test
+        rows.insert(1, (f"{metric} (test)", f"{test['teacher']:.4f}", f"{test['compressed']:.4f}"))
+    if history.vocabulary:  # trimmed to the training set's tokens; the saved tokenizer matches
+        vocabulary = history.vocabulary
+        kept = _number(vocabulary["kept_size"])
+        if vocabulary.get("undone"):
+            kept = f"{_number(vocabulary['teacher_size'])} (a trim to {kept} was undone: {vocabulary['undone']})"
+        elif f"eval_{metric}" in vocabulary:
+            kept += f" ({metric} {vocabulary[f'eval_{metric}']:.4f} with the trim alone)"
+        rows.append(("vocabulary (tokens)", _number(vocabulary["teacher_size"]), kept))
+    teacher_mb = history.provenance.get("teacher_weights_mb")
+    if teacher_mb is not None or final.weights_mb is not None:
+        rows.append(("weights (MB)", _number(teacher_mb), _number(final.weights_mb)))
+    if teacher.cpu_latency_seconds is not None:  # measured when the run had a latency target
+        ratios = [stage.latency_ratio for stage in history.accepted_stages]
+        compressed = teacher.cpu_latency_seconds * (ratios[-1] if ratios else 1.0)
+        rows.append(("CPU latency (s)", _number(teacher.cpu_latency_seconds), _number(compressed)))
+    latency = history.latency
     for batch_size in (1, 32):
         timing = latency.get(f"batch_{batch_size}")
         if timing:
@@ -129,41 +131,44 @@ def _results_rows(
     return rows
 
 
-def _stage_views(history: Mapping) -> list[dict]:
+def _stage_views(history: RunHistory) -> list[dict]:
     views = []
-    for stage in history["stages"]:
+    for stage in history.stages:
         sites = [
             {
                 "name": name,
-                "dim": site["dim"],
-                "num_samples": site["num_samples"],
-                "kept_width": site["kept_width"],
-                "sigma2": _number(site["sigma2"]),
-                "lambda_plus": _number(site["lambda_plus"]),
-                "refined": "yes" if site["refined"] else "no",
+                "dim": site.dim,
+                "num_samples": site.num_samples,
+                "kept_width": site.kept_width,
+                "sigma2": _number(site.sigma2),
+                "lambda_plus": _number(site.lambda_plus),
+                "refined": "yes" if site.refined else "no",
             }
-            for name, site in stage["sites"].items()
+            for name, site in stage.sites.items()
         ]
-        seconds = stage.get("seconds")
         views.append(
             {
-                "stage": stage["stage"],
-                "status": stage["status"],
-                "sigma_quantile": _number(stage["sigma_quantile"]),
-                "seconds": None if seconds is None else f"{seconds:.1f}",
-                "kept_step": stage.get("kept_step"),
+                "stage": stage.stage,
+                "status": _status(stage),
+                "sigma_quantile": _number(stage.sigma_quantile),
+                "seconds": None if stage.seconds is None else f"{stage.seconds:.1f}",
+                "kept_step": stage.kept_step,
                 "sites": sites,
                 "tries": [
                     {
-                        "sigma_quantile": _number(entry["sigma_quantile"]),
-                        "result": entry["status"]
-                        + (f", {entry['num_parameters']:,} parameters" if "num_parameters" in entry else ""),
+                        "sigma_quantile": _number(entry.sigma_quantile),
+                        "result": _status(entry)
+                        + (f", {entry.num_parameters:,} parameters" if entry.num_parameters is not None else ""),
                     }
-                    for entry in stage.get("tries", [])
+                    for entry in stage.tries
                 ],
             }
         )
     return views
+
+
+def _status(outcome: CutOutcome) -> str:
+    return f"{outcome.status.value}: {outcome.reason}" if outcome.reason else outcome.status.value
 
 
 def _task_of(architecture: str | None) -> tuple[str | None, str]:
@@ -174,7 +179,7 @@ def _task_of(architecture: str | None) -> tuple[str | None, str]:
 
 
 def build_model_card(
-    history: Mapping,
+    history: RunHistory | Mapping,
     *,
     model_name: str,
     repo_id: str | None = None,
@@ -194,7 +199,7 @@ def build_model_card(
     """The model card of one RMT-KD run.
 
     Args:
-        history: the parsed ``rmt_kd_history.json``.
+        history: the run's history (or the parsed ``rmt_kd_history.json``).
         model_name: title and ``model-index`` name; ``repo_id`` (default ``model_name``) goes in the loading code.
         base_model: the teacher's hub id; default: the teacher's ``name_or_path`` in the history, when it is a hub
             id (a local path is no valid ``base_model``).
@@ -205,8 +210,8 @@ def build_model_card(
         template_str: a jinja2 template of your own (default: :func:`model_card_template`; variables in
             ``model_cards/README.md``).
     """
-    metric = history["config"]["compression_metric"]
-    provenance = history.get("provenance", {})
+    history = as_history(history)
+    metric, provenance = history.metric_name, history.provenance
     if base_model is None:
         candidate = provenance.get("teacher_name_or_path", "")
         base_model = candidate if _HUB_ID.match(candidate) and not os.path.exists(candidate) else None
@@ -222,7 +227,7 @@ def build_model_card(
                 dataset_split="validation",
                 metric_type=metric,
                 metric_name=metric,
-                metric_value=final_metric(history),
+                metric_value=history.final_metric(),
             )
         ]
     card_data = ModelCardData(
@@ -237,7 +242,7 @@ def build_model_card(
         metrics=[metric],
         eval_results=eval_results,
     )
-    config, calibration = history["config"], history.get("calibration", {})
+    config, calibration = history.config, history.calibration
     settings = ", ".join(f"{key}={config[key]}" for key in sorted(config) if config[key] is not None)
     return ModelCard.from_template(
         card_data,
@@ -274,8 +279,6 @@ def write_spectrum_plots(directory: str | os.PathLike, output_dir: str | os.Path
     if not os.path.exists(os.path.join(directory, SPECTRA_FILENAME)):
         return None
     try:
-        from .spectral_report import _pyplot
-
         pyplot = _pyplot()
     except ImportError as error:
         logger.warning("The model card gets no spectrum plots: %s", error)
@@ -328,6 +331,7 @@ def write_model_card(directory: str | os.PathLike, *, plots: bool = True, **card
 __all__ = [
     "MODEL_CARD_TEMPLATE",
     "TAGS",
+    "as_history",
     "build_model_card",
     "final_metric",
     "load_history",

@@ -135,9 +135,22 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 0) -> 
     return statistics.median(timings)
 
 
+def latency_comparison(teacher: nn.Module, compressed: nn.Module, sequence_length: int | None) -> dict:
+    """Teacher vs compressed CPU latency (median seconds) at batch 1 and 32, one after the other in this process:
+    ``{"sequence_length", "threads", "batch_1": {"teacher", "compressed"}, "batch_32": {...}}``."""
+    comparison = {"sequence_length": sequence_length, "threads": torch.get_num_threads()}
+    for batch_size, repeats in ((1, 10), (32, 3)):
+        comparison[f"batch_{batch_size}"] = {
+            name: cpu_latency(model, batch_size, sequence_length, repeats=repeats, warmup=2)
+            for name, model in (("teacher", teacher), ("compressed", compressed))
+        }
+    return comparison
+
+
 __all__ = [
     "cpu_latency",
     "hidden_state_similarity",
+    "latency_comparison",
     "median_seconds",
     "parameter_comparison",
     "parameter_counts",

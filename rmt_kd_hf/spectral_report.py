@@ -20,16 +20,14 @@ from torch import nn
 from transformers.utils import logging
 
 from .calibration import collect_covariances
-from .checkpoint import REPORT_FILENAME
 from .compression import CompressionReport, analyse_sites, plan_widths
+from .filenames import REPORT_FILENAME, SPECTRA_FILENAME, SPECTRAL_REPORT_FILENAME
 from .spectral import marchenko_pastur_cdf, marchenko_pastur_pdf
 from .surgery import get_surgery
 from .surgery.base import SiteAnalysis, count_parameters, count_parameters_for_config
 
 logger = logging.get_logger(__name__)
 
-SPECTRA_FILENAME = "rmt_kd_spectra.json"
-SPECTRAL_REPORT_FILENAME = "spectral_report.json"
 POOR_FIT_KS_DISTANCE = 0.1  # above this KS distance the MP law does not describe the bulk (as in spectral.py)
 
 

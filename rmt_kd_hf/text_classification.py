@@ -11,8 +11,11 @@ Shaped like transformers' ``examples/pytorch/text-classification/run_glue.py``; 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,11 +37,13 @@ from .checkpoint import (
     refuse_teacher_folder,
     write_json_atomic,
 )
-from .cli import evaluate_split, parse_dataclass_arguments, setup_logging, train_teacher
 from .config import RMTKDConfig
+from .data import default_teacher_path
+from .filenames import HISTORY_FILENAME
 from .metrics import load_glue_metric
+from .scripts import evaluate_split, parse_dataclass_arguments, setup_logging, train_teacher
 from .text_data import DataTrainingArguments, label_setup, load_raw_datasets, sentence_keys
-from .trainer import HISTORY_FILENAME, RMTKDTrainer
+from .trainer import RMTKDTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,17 @@ class ModelArguments:
     teacher_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of teacher fine-tuning (default: learning_rate)."}
     )
+    teacher_max_epochs: float = field(
+        default=10.0,
+        metadata={"help": "Most epochs of teacher fine-tuning; it stops earlier once validation stops improving."},
+    )
+    teacher_early_stopping_patience: int = field(
+        default=1,
+        metadata={
+            "help": "Epochs without a better validation compression_metric before teacher fine-tuning stops (the "
+            "best epoch is kept). 0: train exactly teacher_max_epochs epochs."
+        },
+    )
 
 
 def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
@@ -72,8 +88,6 @@ def load_teacher(model_args: ModelArguments, num_labels: int, label_list, is_reg
     """The model to compress and whether it still needs fine-tuning (its classifier is new)."""
     path = model_args.model_name_or_path
     if path is None:
-        from .data import default_teacher_path
-
         path = default_teacher_path()
     if model_args.teacher_dir and os.path.exists(os.path.join(model_args.teacher_dir, "config.json")):
         logger.info("Loading the cached fine-tuned teacher from %s", model_args.teacher_dir)
@@ -154,6 +168,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     if main_metric and training_args.compression_metric == "accuracy":  # the default, which this task lacks
         logger.info("compression_metric: %s (this task reports no accuracy).", main_metric)
         training_args.compression_metric = main_metric
+    apply_command_line_defaults(training_args, argv, len(raw["train"]) if "train" in raw else 0)
     model, tokenizer, needs_finetuning = load_teacher(model_args, num_labels, label_list, is_regression)
     keys = sentence_keys(data_args, raw)
     processed = preprocess(raw, tokenizer, keys, data_args, training_args)
@@ -173,17 +188,25 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
         if training_args.do_train:
             if needs_finetuning:
                 logger.info("The classifier is new: fine-tuning the teacher first.")
-                train_teacher(trainer, model_args.teacher_dir, model_args.teacher_learning_rate)
+                train_teacher(
+                    trainer,
+                    model_args.teacher_dir,
+                    model_args.teacher_learning_rate,
+                    model_args.teacher_max_epochs,
+                    model_args.teacher_early_stopping_patience,
+                )
+            test = labelled_test_split(processed) if training_args.do_predict else None
+            if test is not None:  # the teacher's test score, beside the compressed model's
+                results.update(evaluate_split(trainer, "teacher_test", test))
             trainer.compress()
             processed = score_the_saved_folder(trainer, raw, keys, data_args)
         if training_args.do_eval:
             results.update(evaluate_split(trainer, "eval", processed[eval_split]))
-            if training_args.do_train:
-                record_final_metric(trainer, results)
-        if training_args.do_predict and "test" in processed:
-            test = processed["test"]
-            if "label" in test.column_names and min(test["label"]) >= 0:
-                results.update(evaluate_split(trainer, "test", test))
+        test = labelled_test_split(processed) if training_args.do_predict else None
+        if test is not None:
+            results.update(evaluate_split(trainer, "test", test))
+        if training_args.do_train:
+            record_final_metrics(trainer, results)
         card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification"}
         if training_args.push_to_hub:
             trainer.push_to_hub(**card)  # writes the model card too
@@ -192,15 +215,64 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     return results
 
 
-def record_final_metric(trainer: RMTKDTrainer, metrics: dict) -> None:
-    """Write the saved folder's validation metric into its ``rmt_kd_history.json`` (``final``), where the model
-    card reads it."""
-    key = f"eval_{trainer.args.compression_metric}"
+# rmt-kd compress's defaults where RMTKDConfig's would not suit a user's own data
+DEFAULT_TARGET_METRIC_DROP = 0.01
+STAGE_EPOCHS = 3  # distillation: at most this many passes over a small training set per cut
+STAGE_STEPS_RANGE = (30, 300)
+
+
+def apply_command_line_defaults(training_args: RMTKDConfig, argv: list[str] | None, num_train_rows: int) -> None:
+    """What ``rmt-kd compress`` assumes when not told otherwise:
+
+    * without ``--target_metric_drop``, ``--max_metric_drop``, ``--target_parameter_ratio`` or
+      ``--target_latency_ratio``: the accuracy-targeted mode, ``target_metric_drop=0.01`` (the strongest cut within
+      one point of the teacher's validation metric);
+    * without ``--stage_max_steps``: a cut is distilled for ``STAGE_EPOCHS`` epochs of the training set, within
+      ``STAGE_STEPS_RANGE`` steps (300 steps from about 800 rows at batch 8; 600 rows: 225 steps), so that a small
+      dataset is not passed over forty times per cut.
+    """
+    given = given_options(sys.argv[1:] if argv is None else argv)
+    if not given & {"target_metric_drop", "max_metric_drop", "target_parameter_ratio", "target_latency_ratio"}:
+        training_args.target_metric_drop = DEFAULT_TARGET_METRIC_DROP
+        logger.info("target_metric_drop: %s (the strongest cut within it is searched).", DEFAULT_TARGET_METRIC_DROP)
+    if "stage_max_steps" not in given and num_train_rows:
+        batch = training_args.per_device_train_batch_size * max(training_args.world_size, 1)
+        batch *= training_args.gradient_accumulation_steps
+        low, high = STAGE_STEPS_RANGE
+        training_args.stage_max_steps = min(high, max(low, math.ceil(STAGE_EPOCHS * num_train_rows / batch)))
+        logger.info(
+            "stage_max_steps: %d (%d epochs of %d rows).", training_args.stage_max_steps, STAGE_EPOCHS, num_train_rows
+        )
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The option names present in ``argv`` (``--name``, ``--name=value``) or in its single JSON file of options."""
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(argv[0]) as file:
+            return set(json.load(file))
+    return {argument[2:].split("=", 1)[0] for argument in argv if argument.startswith("--")}
+
+
+def labelled_test_split(processed: DatasetDict):
+    """The test split when it has labels (GLUE's hub test splits carry -1)."""
+    test = processed.get("test")
+    if test is None or "label" not in test.column_names or min(test["label"]) < 0:
+        return None
+    return test
+
+
+def record_final_metrics(trainer: RMTKDTrainer, metrics: dict) -> None:
+    """Write the saved folder's validation metric (``final``) and the teacher's and the saved folder's test metric
+    (``test``) into its ``rmt_kd_history.json``, where the model card reads them."""
+    name = trainer.args.compression_metric
     path = os.path.join(trainer.args.output_dir, HISTORY_FILENAME)
-    if key not in metrics or not trainer.is_world_process_zero() or not os.path.exists(path):
+    if trainer.history is None or not trainer.is_world_process_zero() or not os.path.exists(path):
         return
-    trainer.compression_history.setdefault("final", {})[key] = metrics[key]
-    write_json_atomic(path, trainer.compression_history)
+    if f"eval_{name}" in metrics:
+        trainer.history.final.metric = metrics[f"eval_{name}"]
+    if f"test_{name}" in metrics and f"teacher_test_{name}" in metrics:
+        trainer.history.test = {"teacher": metrics[f"teacher_test_{name}"], "compressed": metrics[f"test_{name}"]}
+    write_json_atomic(path, trainer.history.to_dict())
 
 
 def score_the_saved_folder(trainer: RMTKDTrainer, raw: DatasetDict, keys, data_args) -> DatasetDict:

@@ -25,6 +25,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # tokenizer_config entries that describe where the old vocabulary came from, not how to tokenize.
 _SOURCE_KWARGS = ("vocab", "vocab_file", "tokenizer_file", "name_or_path", "added_tokens_decoder", "is_local")
@@ -219,6 +222,46 @@ class TokenIdRemapCollator:
         return batch
 
 
+def training_vocabulary(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, train_dataset, has_encoder_vocabulary: bool
+) -> tuple[list[int], PreTrainedTokenizerBase]:
+    """The token ids a training set uses (with the special tokens and the alphabet) and the tokenizer trimmed to them,
+    for a trainer that trims ``model``; a ``ValueError`` saying why when that cannot be done.
+
+    Args:
+        model: the teacher; its word embeddings are not touched here.
+        tokenizer: the trainer's ``processing_class``.
+        train_dataset: tokenized with ``tokenizer`` (an ``input_ids`` column).
+        has_encoder_vocabulary: whether the architecture's embeddings are an encoder vocabulary this module trims.
+    """
+    columns = getattr(train_dataset, "column_names", None) or []
+    if not has_encoder_vocabulary or model.get_output_embeddings() is not None:
+        raise ValueError(f"{type(model).__name__} has no BERT encoder vocabulary to trim")
+    if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
+        raise ValueError("the trainer has no fast tokenizer as processing_class to trim and save with the model")
+    if "input_ids" not in columns:
+        raise ValueError("train_dataset has no input_ids column to read the task's tokens from")
+    kept_token_ids = vocabulary_to_keep(tokenizer, dataset_token_ids(train_dataset))
+    return kept_token_ids, trim_tokenizer(tokenizer, kept_token_ids)
+
+
+def trainer_vocabulary(
+    setting: bool | None, model: PreTrainedModel, tokenizer, train_dataset, has_encoder_vocabulary: bool
+) -> tuple[list[int], PreTrainedTokenizerBase] | None:
+    """:func:`training_vocabulary` under a trainer's ``trim_vocabulary`` ``setting``: ``None`` (not trimmed) when it is
+    off, or when it is ``None`` (automatic) and trimming cannot be done here (logged); with ``True`` that is an error
+    naming the reason."""
+    if setting is False:
+        return None
+    try:
+        return training_vocabulary(model, tokenizer, train_dataset, has_encoder_vocabulary)
+    except ValueError as reason:
+        if setting:
+            raise ValueError(f"trim_vocabulary=True, but {reason}: set trim_vocabulary=False.") from None
+        logger.info("Vocabulary not trimmed: %s.", reason)
+        return None
+
+
 def trim_vocabulary(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -250,6 +293,8 @@ __all__ = [
     "remap_token_ids",
     "trim_embeddings",
     "trim_tokenizer",
+    "trainer_vocabulary",
+    "training_vocabulary",
     "trim_vocabulary",
     "used_token_ids",
     "vocabulary_to_keep",

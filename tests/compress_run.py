@@ -57,7 +57,7 @@ def dump_covariances(trainer: RMTKDTrainer, path: str) -> None:
     """The all-reduced calibration covariances of the prepared teacher, written by the main process."""
     surgery = get_surgery(trainer.model)
     prepared = surgery.prepare(trainer.model)
-    dataloader = trainer._calibration_dataloader({})
+    dataloader = trainer._calibration_dataloader()
     accumulators = collect_covariances(prepared, dataloader, surgery.taps(prepared), progress=False)
     if trainer.is_world_process_zero():
         tensors = {name: accumulator.covariance() for name, accumulator in accumulators.items()}

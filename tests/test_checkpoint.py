@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from rmt_kd_hf import compress_model
-from rmt_kd_hf.checkpoint import REPORT_FILENAME, save_compressed
+from rmt_kd_hf.checkpoint import save_compressed
+from rmt_kd_hf.filenames import REPORT_FILENAME
 
 from .conftest import logits_of, tiny_bert_config
 

@@ -5,9 +5,8 @@ import re
 import pytest
 from huggingface_hub import ModelCard
 
+from rmt_kd_hf.filenames import HISTORY_FILENAME, SPECTRA_FILENAME
 from rmt_kd_hf.hub import build_model_card, final_metric, load_history, write_model_card
-from rmt_kd_hf.spectral_report import SPECTRA_FILENAME
-from rmt_kd_hf.trainer import HISTORY_FILENAME
 
 from .conftest import make_trainer
 

@@ -8,7 +8,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from rmt_kd_hf.trainer import HISTORY_FILENAME
+from rmt_kd_hf.filenames import HISTORY_FILENAME
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rmt_kd_hf.trainer import HISTORY_FILENAME, RESUME_STATE_FILENAME
+from rmt_kd_hf.filenames import HISTORY_FILENAME, RESUME_STATE_FILENAME
 
 from .compress_run import build_trainer
 

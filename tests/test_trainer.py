@@ -12,9 +12,10 @@ from transformers import (
 )
 
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer, compress_model
+from rmt_kd_hf.filenames import HISTORY_FILENAME
+from rmt_kd_hf.losses import distillation_loss, hidden_state_loss
 from rmt_kd_hf.surgery.base import count_parameters
 from rmt_kd_hf.surgery.bert import BertSurgery
-from rmt_kd_hf.trainer import HISTORY_FILENAME, distillation_loss, hidden_state_loss
 
 from .conftest import make_trainer, tiny_bert_config
 
@@ -118,6 +119,55 @@ def test_a_rolled_back_stage_is_retried_milder_and_keeps_the_strongest_cut_that_
     trainer.create_model_card()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Cuts tried (a rolled-back cut is retried with a milder σ² quantile): quantile 0.5: rolled back" in card
+
+
+def test_the_accuracy_target_searches_stronger_cuts_after_one_that_passes(tmp_path):
+    holder = {}
+
+    def size_dependent_metric(_):  # cuts that keep more than 40% of the teacher's parameters pass the floor
+        kept = count_parameters(holder["trainer"].model) / holder["teacher_parameters"]
+        return {"accuracy": 0.9 if kept > 0.4 else 0.5}
+
+    trainer = make_trainer(
+        tmp_path,
+        compute_metrics=size_dependent_metric,
+        stage_max_steps=1,
+        stage_retries=4,
+        sigma_quantile=0.2,
+        target_metric_drop=0.01,
+    )
+    holder.update(trainer=trainer, teacher_parameters=count_parameters(trainer.model))
+    model = trainer.compress()
+    stage = trainer.compression_history["stages"][0]
+    quantiles = [entry["sigma_quantile"] for entry in stage["tries"]]
+    assert stage["status"] == "accepted" and quantiles[:2] == [0.2, 0.6]  # passed at 0.2: stronger next
+    accepted = [entry for entry in stage["tries"] if entry["status"] == "accepted"]
+    assert len(accepted) >= 2 and stage["sigma_quantile"] == max(entry["sigma_quantile"] for entry in accepted)
+    assert count_parameters(model) == min(entry["num_parameters"] for entry in accepted)
+    assert all(entry["num_parameters"] > 0.4 * holder["teacher_parameters"] for entry in accepted)
+
+
+def test_a_hopeless_cut_is_screened_out_early(tmp_path):
+    holder, steps = {}, []
+
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    def hopeless_when_cut(_):
+        cut = count_parameters(holder["trainer"].model) < holder["teacher_parameters"]
+        return {"accuracy": 0.2 if cut else 0.9}
+
+    trainer = make_trainer(
+        tmp_path, compute_metrics=hopeless_when_cut, stage_max_steps=20, stage_retries=1, callbacks=[CountSteps()]
+    )
+    holder.update(trainer=trainer, teacher_parameters=count_parameters(trainer.model))
+    model = trainer.compress()
+    stage = trainer.compression_history["stages"][0]
+    assert stage["status"].startswith("rolled back: screened out after 2 of 20 steps: accuracy 0.2000 < floor 0.8900")
+    assert [entry["status"][:32] for entry in stage["tries"]] == ["rolled back: screened out after "] * 2
+    assert steps == [1, 2, 1, 2]  # two tries, two steps each, instead of 40
+    assert set(model.config.boundary_sizes) == {model.config.norm_size}  # the model before the stage is kept
 
 
 def test_nothing_left_to_cut_skips_every_stage(tmp_path):
@@ -334,6 +384,7 @@ def test_load_best_model_at_end_keeps_each_stages_best_weights(tmp_path):
         stage_max_steps=6,
         max_metric_drop=1.0,
         measure_latency=False,
+        screening_fraction=0.0,  # the scripted scores are those of the stage's own evaluations
         load_best_model_at_end=True,
         metric_for_best_model="accuracy",
         **best_fields,

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
-from rmt_kd_hf.trainer import HISTORY_FILENAME
+from rmt_kd_hf.filenames import HISTORY_FILENAME
 
 from .conftest import QUIET_CPU_ARGS
 from .resnet_fixtures import single_thread  # noqa: F401

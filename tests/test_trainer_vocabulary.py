@@ -16,8 +16,8 @@ from transformers import (
 )
 
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
+from rmt_kd_hf.filenames import HISTORY_FILENAME
 from rmt_kd_hf.hub import write_model_card
-from rmt_kd_hf.trainer import HISTORY_FILENAME
 
 from .conftest import QUIET_CPU_ARGS, accuracy, tiny_bert_config
 from .test_vocabulary import VOCABULARY
@@ -76,7 +76,11 @@ def test_compress_trims_the_vocabulary_and_saves_a_matching_tokenizer(tmp_path, 
     model = trainer.compress().eval()
     used = {token_id for ids in trainer.train_dataset["input_ids"] for token_id in ids}
     history = json.load(open(os.path.join(tmp_path, HISTORY_FILENAME)))
-    assert history["vocabulary"] == {"teacher_size": len(VOCABULARY), "kept_size": model.config.vocab_size}
+    assert history["vocabulary"] == {
+        "teacher_size": len(VOCABULARY),
+        "kept_size": model.config.vocab_size,
+        "eval_accuracy": history["vocabulary"]["eval_accuracy"],  # the trim alone, judged like a stage
+    }
     assert len(used) <= model.config.vocab_size < len(VOCABULARY)
 
     reloaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
@@ -96,7 +100,8 @@ def test_compress_trims_the_vocabulary_and_saves_a_matching_tokenizer(tmp_path, 
     assert reloaded_tokenizer.tokenize("a zebra film") == ["a", "[UNK]", "film"]
     assert 0.0 <= trainer.evaluate()["eval_accuracy"] <= 1.0
     card = write_model_card(tmp_path, plots=False)
-    assert f"| vocabulary (tokens) | {len(VOCABULARY)} | {model.config.vocab_size} |" in card.content
+    row = f"| vocabulary (tokens) | {len(VOCABULARY)} | {model.config.vocab_size} (accuracy "
+    assert row in card.content and "with the trim alone) |" in card.content
 
 
 def test_trim_vocabulary_false_keeps_the_teacher_vocabulary(tmp_path, tokenizer):
@@ -124,3 +129,22 @@ def test_resuming_a_trimmed_run_gives_the_uninterrupted_result(tmp_path, tokeniz
     assert settings_of(resumed) == settings_of(reference)
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_a_trim_that_alone_breaks_the_floor_is_undone(tmp_path, tokenizer):
+    holder = {}
+
+    def worse_when_trimmed(_):
+        return {"accuracy": 0.5 if holder["trainer"].model.config.vocab_size < len(VOCABULARY) else 0.9}
+
+    trainer = make_text_trainer(tmp_path, tokenizer, max_metric_drop=0.1, stage_max_steps=1)
+    trainer.compute_metrics = worse_when_trimmed
+    holder["trainer"] = trainer
+    model = trainer.compress()
+    history = trainer.compression_history
+    assert history["vocabulary"]["undone"] == "accuracy 0.5000 < floor 0.8000"
+    assert history["vocabulary"]["eval_accuracy"] == 0.5
+    assert model.config.vocab_size == len(VOCABULARY) and trainer.processing_class is tokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path).vocab_size == tokenizer.vocab_size  # the teacher's tokenizer
+    trainer.create_model_card()
+    assert "was undone: accuracy 0.5000 < floor 0.8000" in (tmp_path / "README.md").read_text()

@@ -36,7 +36,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
-from rmt_kd_hf.cli import evaluate_split, parse_dataclass_arguments, setup_logging, train_teacher
+from rmt_kd_hf.scripts import evaluate_split, parse_dataclass_arguments, setup_logging, train_teacher
 
 logger = logging.getLogger(__name__)
 

@@ -61,7 +61,8 @@ def run_glue_arguments(args: argparse.Namespace, files: dict[str, str]) -> list[
         "--max_seq_length=64",
         "--per_device_train_batch_size=32",
         "--per_device_eval_batch_size=128",
-        f"--num_train_epochs={args.teacher_epochs}",
+        f"--teacher_max_epochs={args.teacher_epochs}",
+        "--teacher_early_stopping_patience=0",  # exactly teacher_epochs epochs: fast, not converged
         "--teacher_learning_rate=5e-5",
         "--learning_rate=1e-4",
         f"--sigma_quantile={args.sigma_quantile}",

@@ -60,7 +60,7 @@ def test_run_glue_fine_tunes_then_compresses(small_real_csvs):
         "--do_eval",
         "--do_predict",
         "--max_seq_length=32",
-        "--num_train_epochs=1",
+        "--teacher_max_epochs=3",
         "--stage_max_steps=4",
         "--max_metric_drop=1.0",
         "--save_strategy=no",
@@ -69,13 +69,18 @@ def test_run_glue_fine_tunes_then_compresses(small_real_csvs):
         "--disable_tqdm=true",
     ]
     results = run_glue.main([f"--model_name_or_path={root / 'tiny'}", f"--output_dir={root / 'out'}", *common])
-    assert {"eval_accuracy", "test_accuracy"} <= set(results)
+    assert {"eval_accuracy", "test_accuracy", "teacher_test_accuracy"} <= set(results)
     assert os.path.exists(root / "teacher" / "model.safetensors")  # cached for the next run
     output = root / "out"
+    # the teacher trained with early stopping on validation: evaluated every epoch, its checkpoints removed after
+    teacher_log = json.load(open(output / "teacher_train_results.json"))
+    assert 1 <= teacher_log["epoch"] <= 3
+    assert not os.path.exists(output / "teacher-run")
     history = json.load(open(output / "rmt_kd_history.json"))
     assert history["stages"][0]["status"] == "accepted"
+    assert history["test"] == {"teacher": results["teacher_test_accuracy"], "compressed": results["test_accuracy"]}
     card = (output / "README.md").read_text()  # the model card, although nothing was pushed
-    assert "rmt-kd" in card and "accepted" in card
+    assert "rmt-kd" in card and "accepted" in card and "accuracy (test)" in card
     model = AutoModelForSequenceClassification.from_pretrained(output)
     assert model.config.model_type == "rmt_bert"
     assert sum(p.numel() for p in model.parameters()) < history["teacher"]["num_parameters"]
