@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback
@@ -52,7 +55,7 @@ class ScreenCandidate(TrainerCallback):
     """Screens a cut early in its distillation: evaluates once after ``at_step`` steps and stops the training when
     the validation metric is below ``threshold`` (the floor less a margin that distillation can still recover), so
     that a hopeless cut costs a fraction of a stage. A cut that passes trains on exactly as it would unscreened: the
-    evaluation draws no random numbers."""
+    random generators are put back as they were before the evaluation."""
 
     def __init__(self, at_step: int, threshold: float, metric_key: str):
         self.at_step, self.threshold, self.metric_key = at_step, threshold, metric_key
@@ -62,10 +65,27 @@ class ScreenCandidate(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.at_step:
             control.should_evaluate = True
+            self._random_states = _random_states()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.global_step != self.at_step or self.screened_metric is not None or self.metric_key not in metrics:
             return
+        # the evaluation must not move the generators: a cut that passes trains on as it would unscreened
+        _restore_random_states(self._random_states)
         self.screened_metric = float(metrics[self.metric_key])
         if not self.screened_metric >= self.threshold:  # NaN included
             self.stopped = control.should_training_stop = True
+
+
+def _random_states() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _restore_random_states(states: tuple) -> None:
+    python, numpy_state, torch_state, cuda = states
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
