@@ -266,11 +266,6 @@ class RMTKDConfig(TrainingArguments):
                 raise ValueError(f"sigma_quantile_shifts[{kind!r}] must be a number in (-1, 1), got {shift!r}")
         self.sigma_quantile_shifts = {kind: float(shift) for kind, shift in shifts.items()}
 
-    @property
-    def allowed_metric_drop(self) -> float:
-        """How far below the teacher's validation metric a kept cut may be: the floor's distance."""
-        return self.target_metric_drop if self.target_metric_drop is not None else self.max_metric_drop
-
     def surgery_options(self) -> dict:
         """The architecture options that differ from their defaults (so ResNets, which take none, accept the
         defaults)."""

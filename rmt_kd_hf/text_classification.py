@@ -78,6 +78,14 @@ class ModelArguments:
         },
     )
 
+    def __post_init__(self):
+        if not 0 < self.teacher_max_epochs < math.inf:
+            raise ValueError(f"teacher_max_epochs must be finite and > 0, got {self.teacher_max_epochs!r}")
+        if self.teacher_early_stopping_patience < 0:
+            raise ValueError(
+                f"teacher_early_stopping_patience must be >= 0, got {self.teacher_early_stopping_patience!r}"
+            )
+
 
 def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
     """Model, data and ``RMTKDConfig`` options; ``--help`` shows every option with its default."""

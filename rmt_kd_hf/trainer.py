@@ -260,7 +260,7 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
         if resumed:
             return
         metric = self._validation_metric()
-        floor = history.teacher.metric - self.args.allowed_metric_drop
+        floor = history.floor
         record = {"teacher_size": untrimmed[0].config.vocab_size, "kept_size": len(kept_token_ids)}
         history.vocabulary = {**record, f"eval_{self.args.compression_metric}": metric}
         if self.args.trim_vocabulary is None and not metric >= floor:
@@ -369,7 +369,7 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
         start = time.perf_counter()
         candidate = surgery.apply(previous, analyses)
         bases = surgery.hidden_state_bases(previous, analyses) if self.hidden_distillation_weight > 0 else None
-        floor = history.teacher.metric - args.allowed_metric_drop
+        floor = history.floor
         screen = self._screening(floor)
         try:
             kept_step = self.distil(candidate, previous, bases)  # makes it self.model

@@ -207,6 +207,11 @@ BAD_CONFIG_VALUES = [
     ("max_stages", 0, "max_stages must be >= 1 or None"),
     ("stage_max_steps", -1, "stage_max_steps must be >= 0"),
     ("stage_retries", -1, "stage_retries must be >= 0"),
+    ("target_metric_drop", -0.01, "target_metric_drop must be finite and >= 0, or None"),
+    ("target_metric_drop", float("inf"), "target_metric_drop must be finite and >= 0, or None"),
+    ("screening_fraction", 1.0, "screening_fraction must be in [0, 1)"),
+    ("screening_fraction", -0.1, "screening_fraction must be in [0, 1)"),
+    ("screening_margin", -0.05, "screening_margin must be finite and >= 0"),
     ("min_width", 0, "min_width must be >= 1"),
     ("width_multiple", 0, "width_multiple must be >= 1"),
     ("target_parameter_ratio", 1.0, "target_parameter_ratio must be in (0, 1) or None"),
@@ -242,6 +247,7 @@ def test_out_of_range_options_are_refused_before_any_work(tmp_path, untouched, f
 def test_compress_model_refuses_out_of_range_arguments(batches, arguments, message):
     from rmt_kd_hf import compress_model
 
+    torch.manual_seed(0)  # a fixed teacher: an unseeded one sometimes keeps an eigenvalue above λ+ at q = 0.999
     teacher = BertForSequenceClassification(tiny_bert_config()).eval()
     reference = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -435,3 +441,18 @@ def test_cli_output_dir_that_cannot_be_created_is_one_line(csv_files, tmp_path, 
     assert cli_compress(teacher, csv_files, tmp_path / "a_file" / "out") == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("rmt-kd compress: error: ") and "a_file" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--teacher_max_epochs=0", "teacher_max_epochs must be finite and > 0"),
+        ("--teacher_early_stopping_patience=-1", "teacher_early_stopping_patience must be >= 0"),
+    ],
+)
+def test_out_of_range_teacher_options_are_refused(tmp_path, option, message):
+    from rmt_kd_hf.text_classification import parse_arguments
+
+    with pytest.raises(ValueError, match=message):
+        parse_arguments([f"--output_dir={tmp_path / 'out'}", option])
+    assert not (tmp_path / "out").exists()
