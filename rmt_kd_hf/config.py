@@ -248,6 +248,12 @@ class RMTKDConfig(TrainingArguments):
         for name, valid in checks.items():
             if not valid:
                 raise ValueError(f"{name} must be {expected[name]}, got {getattr(self, name)!r}")
+        if self.push_to_hub and self.hub_strategy != "end":
+            logger.warning(
+                "hub_strategy=%r: Trainer's own push of each checkpoint also uploads training_args.bin (a pickle). "
+                "Use hub_strategy='end' to publish only safetensors and JSON.",
+                getattr(self.hub_strategy, "value", self.hub_strategy),
+            )
         self._check_quantile_shifts()
 
     def _check_quantile_shifts(self) -> None:

@@ -11,6 +11,19 @@ from torch import nn
 from .checkpoint import first_names, non_finite_tensors, refuse_teacher_folder
 
 
+def hidden_distillation_weight(weight: float | None, surgery, model: nn.Module) -> float:
+    """The weight of the hidden-state loss: ``weight``, or where it is ``None``, 1 on architectures that support it
+    (BERT; it won on validation, benchmarks/results/frontier_sweep.md) and 0 elsewhere. A weight asked of an
+    architecture without it is refused."""
+    supported = hasattr(surgery, "hidden_state_bases")
+    if weight and not supported:
+        raise ValueError(
+            f"hidden_distillation_weight={weight}: intermediate-layer distillation supports BERT encoders only, not "
+            f"{type(model).__name__}; set it to 0."
+        )
+    return (1.0 if supported else 0.0) if weight is None else weight
+
+
 def check_compress_inputs(model: nn.Module, output_dir: str, train_dataset, processing_class) -> None:
     """Refuse an unwritable or teacher-owned ``output_dir``, an empty training set, a teacher with non-finite weights
     or a multi-label head, a tokenizer that is not the model's, and labels outside the classification head."""

@@ -136,6 +136,20 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool) ->
     return checkpoint
 
 
+def resume_settings(args, hidden_distillation_weight: float) -> dict:
+    """The settings of ``args`` (an ``RMTKDConfig``) that a resumed run must share with the interrupted one, defaults
+    resolved (as in the history)."""
+    return {
+        **{key: getattr(args, key) for key in RESUME_INVARIANTS},
+        "hidden_distillation_weight": hidden_distillation_weight,
+    }
+
+
+def setting_defaults(config_class: type) -> dict:
+    """The default of every resume invariant of ``config_class``: what an older history that lacks one ran with."""
+    return {key: config_class.__dataclass_fields__[key].default for key in RESUME_INVARIANTS}
+
+
 def read_resume_state(
     checkpoint: str, teacher_fingerprint: str, settings: Mapping[str, object], defaults: Mapping[str, object]
 ) -> ResumeState:
