@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import TYPE_CHECKING
 
 from torch import nn
-from transformers import enable_full_determinism, set_seed
+from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.utils import logging
 
 from .calibration import collect_covariances
@@ -26,9 +25,6 @@ from .reports import cpu_latency
 from .spectral_report import spectra_record
 from .surgery.base import count_parameters
 from .vocabulary import TokenIdRemapCollator, trainer_vocabulary, trim_embeddings
-
-if TYPE_CHECKING:
-    from .trainer import RMTKDTrainer
 
 logger = logging.get_logger(__name__)
 
@@ -45,12 +41,11 @@ def stage_schedule(surgery, model: nn.Module, compression_schedule: str, stage_o
 
 
 class StageRunner:
-    """The stages of one ``compress()`` run on ``trainer``: what they share (the surgery, the history, the spectra
+    """The stages of one ``compress()`` run on ``trainer`` (an ``RMTKDTrainer``: its ``distil`` and
+    ``validation_metric`` do the training and the judging): what they share (the surgery, the history, the spectra
     of every stage so far) and the work of each. The model being compressed is always ``trainer.model``."""
 
-    def __init__(
-        self, trainer: RMTKDTrainer, surgery, history: RunHistory, stage_spectra: dict[int, dict], num_stages: int
-    ):
+    def __init__(self, trainer: Trainer, surgery, history: RunHistory, stage_spectra: dict[int, dict], num_stages: int):
         self.trainer, self.args, self.surgery, self.history = trainer, trainer.args, surgery, history
         self.stage_spectra = stage_spectra
         self.num_stages = num_stages
