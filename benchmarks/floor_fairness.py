@@ -82,7 +82,7 @@ def paired(student: np.ndarray, teacher: np.ndarray) -> dict[str, float]:
 def main(argv=None) -> dict:
     args = parse_arguments(argv)
     reviews = load_movie_reviews(seed=0)
-    texts = {split: (reviews[split]["sentence"], reviews[split]["label"]) for split in SPLITS}
+    texts = {split: (list(reviews[split]["sentence"]), list(reviews[split]["label"])) for split in SPLITS}
     teacher_dir, teacher = frontier_point.converged_teacher(args.work_dir)
     tokenizer = AutoTokenizer.from_pretrained(default_teacher_path())
     result: dict = {"teacher_fingerprint": frontier_point.model_fingerprint(teacher)}
@@ -159,8 +159,63 @@ def main(argv=None) -> dict:
     )
     with open(os.path.join(RESULTS_DIR, "floor_fairness.json"), "w") as file:
         json.dump(result, file, indent=2)
+    with open(os.path.join(RESULTS_DIR, "floor_fairness.md"), "w") as file:
+        file.write(markdown(result))
     print(json.dumps(result, indent=2))
     return result
+
+
+def markdown(result: dict) -> str:
+    """``floor_fairness.md``: the three measurements as tables (accuracies in %, differences in points ± SE)."""
+
+    def pm(entry: dict) -> str:
+        return f"{entry['difference']:+.2f} ± {entry['standard_error']:.2f}"
+
+    teacher, trimmed = result["teacher"], result["trimmed_teacher"]
+    lines = [
+        "# Floor fairness: validation against test for the teacher and its students",
+        "",
+        f"Teacher `{result['teacher_fingerprint'][:12]}`. Command: `{result['command']}`",
+        "",
+        "| model | validation | test | validation − test |",
+        "|---|---|---|---|",
+        f"| teacher | {teacher['validation']:.2f} | {teacher['test']:.2f} | "
+        f"{teacher['validation'] - teacher['test']:+.2f} |",
+        f"| teacher, trimmed vocabulary | {trimmed['validation']['accuracy']:.2f} | "
+        f"{trimmed['test']['accuracy']:.2f} | "
+        f"{trimmed['validation']['accuracy'] - trimmed['test']['accuracy']:+.2f} |",
+        "",
+        "Trimmed vocabulary, per split: rows tokenized differently, and the paired difference from the untrimmed",
+        "teacher (points ± SE):",
+        "",
+        "| split | rows tokenized differently | trimmed − teacher |",
+        "|---|---|---|",
+    ]
+    for split in SPLITS:
+        entry = trimmed[split]
+        lines.append(f"| {split} | {entry['rows_tokenized_differently']:.1f}% | {pm(entry['paired_vs_teacher'])} |")
+    if result["epochs"]:
+        lines += ["", "The teacher's epochs (the chosen one is the best on validation):", ""]
+        lines += ["| epoch | step | chosen | validation | test | validation − test |", "|---|---|---|---|---|---|"]
+        for epoch in result["epochs"]:
+            lines.append(
+                f"| {epoch['epoch']} | {epoch['step']} | {'yes' if epoch['chosen'] else ''} | "
+                f"{epoch['validation']:.2f} | {epoch['test']:.2f} | {epoch['gap']:+.2f} |"
+            )
+    if result["students"]:
+        lines += ["", "Students, paired per row against the teacher and the trimmed teacher (points ± SE):", ""]
+        lines += [
+            "| student | validation | vs teacher | vs trimmed | test | vs teacher | vs trimmed |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for student in result["students"]:
+            validation, test = student["validation"], student["test"]
+            lines.append(
+                f"| `{os.path.basename(student['checkpoint'].rstrip('/'))}` | {validation['accuracy']:.2f} | "
+                f"{pm(validation['vs_teacher'])} | {pm(validation['vs_trimmed_teacher'])} | {test['accuracy']:.2f} | "
+                f"{pm(test['vs_teacher'])} | {pm(test['vs_trimmed_teacher'])} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
