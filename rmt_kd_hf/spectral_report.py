@@ -302,7 +302,8 @@ def plot_site(spectrum: SiteSpectrum, path: str | os.PathLike, pyplot=None) -> N
         f"KS={spectrum.ks_distance():.3f}",
         fontsize=10,
     )
-    figure.tight_layout()
+    # fixed margins: tight_layout measured every text box and took 40% of the time of a plot
+    figure.subplots_adjust(left=0.075, right=0.98, bottom=0.16, top=0.86, wspace=0.2)
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
 
@@ -320,7 +321,10 @@ def plot_overview(spectra: list[SiteSpectrum], path: str | os.PathLike, pyplot=N
         axis.set_ylabel("")
     for axis in list(axes.flat)[len(spectra) :]:
         axis.axis("off")
-    figure.tight_layout()
+    width, height = 3.2 * columns, 2.6 * rows  # margins in inches (tight_layout took seconds on a large grid)
+    figure.subplots_adjust(
+        left=0.5 / width, right=1 - 0.1 / width, bottom=0.3 / height, top=1 - 0.45 / height, wspace=0.35, hspace=0.55
+    )
     figure.savefig(path, dpi=80)
     pyplot.close(figure)
 
