@@ -34,10 +34,10 @@ import shlex
 import sys
 
 import numpy as np
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rmt_kd_hf.data import default_teacher_path, load_movie_reviews
+from rmt_kd_hf.reports import text_classification_correct
 from rmt_kd_hf.vocabulary import dataset_token_ids, trim_embeddings, trim_tokenizer, vocabulary_to_keep
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,18 +56,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@torch.inference_mode()
-def correct_rows(model, tokenizer, sentences: list[str], labels: list[int], batch_size: int = 128) -> np.ndarray:
+def correct_rows(model, tokenizer, sentences: list[str], labels: list[int]) -> np.ndarray:
     """Per row: whether ``model`` reading ``sentences`` through ``tokenizer`` predicts the label."""
-    model.eval()
-    collator = DataCollatorWithPadding(tokenizer)
-    correct = []
-    for start in range(0, len(sentences), batch_size):
-        encoded = tokenizer(sentences[start : start + batch_size], truncation=True, max_length=MAX_LENGTH)
-        rows = [{key: encoded[key][index] for key in encoded} for index in range(len(encoded["input_ids"]))]
-        predictions = model(**collator(rows)).logits.argmax(-1).numpy()
-        correct.append(predictions == np.asarray(labels[start : start + batch_size]))
-    return np.concatenate(correct)
+    return text_classification_correct(model, tokenizer, sentences, labels, MAX_LENGTH).numpy()
 
 
 def paired(student: np.ndarray, teacher: np.ndarray) -> dict[str, float]:

@@ -77,6 +77,32 @@ def hidden_state_similarity(
 
 
 @torch.inference_mode()
+@torch.inference_mode()
+def text_classification_correct(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    labels: list[int],
+    max_length: int | None = None,
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """Per row, whether ``model`` predicts the label of raw ``texts`` tokenized by ``tokenizer`` (truncated to
+    ``max_length``), as a user of a saved checkpoint and its tokenizer would: a (len(texts),) bool tensor."""
+    from transformers import DataCollatorWithPadding
+
+    model.eval()
+    collator = DataCollatorWithPadding(tokenizer)
+    correct = []
+    for start in range(0, len(texts), batch_size):
+        encoded = [
+            tokenizer(text, truncation=max_length is not None, max_length=max_length)
+            for text in texts[start : start + batch_size]
+        ]
+        predictions = model(**collator(encoded)).logits.argmax(-1)
+        correct.append(predictions.cpu() == torch.tensor(labels[start : start + batch_size]))
+    return torch.cat(correct)
+
+
 def text_classification_accuracy(
     model: nn.Module,
     tokenizer,
@@ -85,21 +111,9 @@ def text_classification_accuracy(
     max_length: int | None = None,
     batch_size: int = 128,
 ) -> float:
-    """Accuracy of ``model`` on raw ``texts`` tokenized by ``tokenizer`` (truncated to ``max_length``), as a user
-    of a saved checkpoint and its tokenizer would measure it."""
-    from transformers import DataCollatorWithPadding
-
-    model.eval()
-    collator = DataCollatorWithPadding(tokenizer)
-    correct = 0
-    for start in range(0, len(texts), batch_size):
-        encoded = [
-            tokenizer(text, truncation=max_length is not None, max_length=max_length)
-            for text in texts[start : start + batch_size]
-        ]
-        predictions = model(**collator(encoded)).logits.argmax(-1)
-        correct += int((predictions == torch.tensor(labels[start : start + batch_size])).sum())
-    return correct / len(texts)
+    """Accuracy of ``model`` on raw ``texts`` (:func:`text_classification_correct`, averaged)."""
+    correct = text_classification_correct(model, tokenizer, texts, labels, max_length, batch_size)
+    return int(correct.sum()) / len(texts)
 
 
 @torch.inference_mode()
@@ -156,4 +170,5 @@ __all__ = [
     "parameter_counts",
     "safetensors_size_mb",
     "text_classification_accuracy",
+    "text_classification_correct",
 ]

@@ -40,6 +40,12 @@ def stage_schedule(surgery, model: nn.Module, compression_schedule: str, stage_o
     return stages if stage_order == "shallow_to_deep" else stages[::-1]
 
 
+def stop_rule_latency(model: nn.Module, args) -> float:
+    """CPU latency of ``model`` as the latency stop rule measures it (``args.latency_batch_size`` rows of
+    ``args.latency_sequence_length`` tokens): the teacher and every candidate are timed the same way."""
+    return cpu_latency(model, args.latency_batch_size, args.latency_sequence_length)
+
+
 class StageRunner:
     """The stages of one ``compress()`` run on ``trainer`` (an ``RMTKDTrainer``: its ``distil`` and
     ``validation_metric`` do the training and the judging): what they share (the surgery, the history, the spectra
@@ -218,10 +224,7 @@ class StageRunner:
             outcome.kept_step, outcome.seconds = None, time.perf_counter() - start
             return candidate, outcome
         if args.target_latency_ratio is not None:
-            outcome.latency_ratio = (
-                cpu_latency(candidate, args.latency_batch_size, args.latency_sequence_length)
-                / self.history.teacher.cpu_latency_seconds
-            )
+            outcome.latency_ratio = stop_rule_latency(candidate, args) / self.history.teacher.cpu_latency_seconds
         broken = non_finite_tensors(candidate)
         outcome.status, outcome.reason = judge_cut(
             metric, floor, args.compression_metric, first_names(broken) if broken else ""

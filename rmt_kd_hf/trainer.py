@@ -29,7 +29,7 @@ from .hub import run_provenance, weights_megabytes, write_model_card
 from .input_checks import check_compress_inputs, hidden_distillation_weight
 from .losses import distillation_loss, hidden_state_loss
 from .planning import stop_rule_fired
-from .reports import cpu_latency, latency_comparison
+from .reports import latency_comparison
 from .stage_checkpoints import (
     ResumeState,
     checkpoint_to_resume,
@@ -39,7 +39,7 @@ from .stage_checkpoints import (
     save_stage_checkpoint,
     setting_defaults,
 )
-from .stages import StageRunner, stage_schedule
+from .stages import StageRunner, stage_schedule, stop_rule_latency
 from .surgery import get_surgery
 from .surgery.base import count_parameters
 from .trainer_state import SafetensorsTrainerStateMixin
@@ -192,7 +192,7 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
         args = self.args
         record = TeacherRecord(count_parameters(teacher), self.validation_metric())
         if args.target_latency_ratio is not None:
-            record.cpu_latency_seconds = cpu_latency(teacher, args.latency_batch_size, args.latency_sequence_length)
+            record.cpu_latency_seconds = stop_rule_latency(teacher, args)
         record.fingerprint = fingerprint
         return RunHistory(
             teacher=record,

@@ -173,3 +173,11 @@ def test_per_layer_schedule_stops_when_the_target_is_met(tmp_path):
     assert stages[-1]["status"] == "accepted" and stages[-1]["parameter_ratio"] <= 0.95
     assert len(stages) < 3  # stopped before the last layer
     assert list(stages[0]["sites"]) == ["embeddings", "boundary.0"]
+
+
+def test_the_latency_target_times_teacher_and_candidate_the_same_way(tmp_path):
+    trainer = make_trainer(tmp_path, target_latency_ratio=0.99, stage_max_steps=1, max_metric_drop=1.0)
+    trainer.compress()
+    history = trainer.compression_history
+    assert history["teacher"]["cpu_latency_seconds"] > 0
+    assert 0 < history["stages"][0]["latency_ratio"] < float("inf")  # candidate time / teacher time, both recorded

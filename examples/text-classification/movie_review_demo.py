@@ -89,14 +89,13 @@ def read_json(directory: str, filename: str) -> dict:
         return json.load(file)
 
 
-def measure(name: str, directory: str, test_accuracy: float, latency: dict) -> dict:
-    """Sizes of the model saved in ``directory``, reloaded with ``from_pretrained``; its test accuracy and the CPU
+def measure(name: str, directory: str, model, accuracy: float, latency: dict) -> dict:
+    """Sizes of ``model`` (reloaded with ``from_pretrained`` from ``directory``); its test accuracy and the CPU
     latency that the run measured (``compress()`` times teacher and compressed one after the other)."""
-    model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
     counts = parameter_counts(model)
     return {
         "model": name,
-        "test_accuracy": test_accuracy,
+        "test_accuracy": accuracy,
         "parameters": counts["total"],
         "non_embedding_parameters": counts["non_embedding"],
         "safetensors_mb": safetensors_size_mb(directory),
@@ -105,10 +104,9 @@ def measure(name: str, directory: str, test_accuracy: float, latency: dict) -> d
     }
 
 
-def reloaded_test_accuracy(directory: str, test_csv: str, run_accuracy: float) -> float:
-    """The compressed model's test accuracy as a user meets it: reloaded with ``from_pretrained`` and read through
-    its own (trimmed) tokenizer, checked against the run's own ``--do_predict`` score."""
-    model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+def reloaded_test_accuracy(model, directory: str, test_csv: str, run_accuracy: float) -> float:
+    """The compressed model's test accuracy as a user meets it: reloaded and read through its own (trimmed)
+    tokenizer from ``directory``, checked against the run's own ``--do_predict`` score."""
     accuracy = test_accuracy(model, AutoTokenizer.from_pretrained(directory), test_csv)
     if abs(accuracy - run_accuracy) > 1e-6:
         print(f"Warning: the reloaded model scores {accuracy:.4%} on test, the run's --do_predict {run_accuracy:.4%}.")
@@ -146,18 +144,21 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_dir = os.path.join(args.output_dir, "teacher")
     history = read_json(compressed_dir, "rmt_kd_history.json")
     run_results = read_json(compressed_dir, "all_results.json")
-    compressed_accuracy = reloaded_test_accuracy(compressed_dir, files["test"], run_results["test_accuracy"])
+    teacher, compressed = (
+        AutoModelForSequenceClassification.from_pretrained(directory).eval()
+        for directory in (teacher_dir, compressed_dir)
+    )
+    compressed_accuracy = reloaded_test_accuracy(
+        compressed, compressed_dir, files["test"], run_results["test_accuracy"]
+    )
     rows = [
-        measure("teacher", teacher_dir, run_results["teacher_test_accuracy"], history["latency"]),
-        measure("compressed", compressed_dir, compressed_accuracy, history["latency"]),
+        measure("teacher", teacher_dir, teacher, run_results["teacher_test_accuracy"], history["latency"]),
+        measure("compressed", compressed_dir, compressed, compressed_accuracy, history["latency"]),
     ]
     print_table(rows)
-    teacher_file = os.path.join(compressed_dir, "teacher_train_results.json")  # absent when the teacher was cached
-    teacher_seconds = (
-        read_json(compressed_dir, "teacher_train_results.json")["train_runtime"]
-        if os.path.exists(teacher_file)
-        else None
-    )
+    teacher_seconds = None  # no teacher_train_results.json when the teacher was cached
+    if os.path.exists(os.path.join(compressed_dir, "teacher_train_results.json")):
+        teacher_seconds = read_json(compressed_dir, "teacher_train_results.json")["train_runtime"]
     phases = {  # where the wall time goes (#22's profile)
         "run_glue": run_glue_end - start,
         "teacher_training": teacher_seconds,
