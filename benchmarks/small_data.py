@@ -53,6 +53,17 @@ def subset_files(work_dir: str, train_rows: int, seed: int) -> dict[str, str]:
     return files
 
 
+TRY_FIELDS = (
+    "sigma_quantile",
+    "status",
+    "num_parameters",
+    "eval_accuracy",
+    "paired_standard_error",
+    "screened_eval_accuracy",
+    "seconds",
+)
+
+
 def run_one(work_dir: str, train_rows: int, seed: int) -> dict:
     files = subset_files(work_dir, train_rows, seed)
     output_dir = os.path.join(work_dir, f"rows{train_rows}_s{seed}")
@@ -92,9 +103,9 @@ def run_one(work_dir: str, train_rows: int, seed: int) -> dict:
         "test_accuracy": results["test_accuracy"],
         "status": stage.get("status", "no stage"),
         "sigma_quantile": stage.get("sigma_quantile"),
+        "paired_standard_error": stage.get("paired_standard_error"),
         "tries": [
-            {key: entry.get(key) for key in ("sigma_quantile", "status", "num_parameters", "eval_accuracy", "seconds")}
-            for entry in stage.get("tries", [stage] if stage else [])
+            {key: entry.get(key) for key in TRY_FIELDS} for entry in stage.get("tries", [stage] if stage else [])
         ],
         "vocabulary": history.get("vocabulary"),
         "stage_max_steps": history["config"]["stage_max_steps"],

@@ -9,6 +9,7 @@ kept in ``extra`` and written back unchanged, so a history from a newer version 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import json
@@ -16,6 +17,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .filenames import HISTORY_FILENAME
 
@@ -55,6 +58,9 @@ class CutOutcome:
     metric: float | None = None  # the validation ``compression_metric``
     parameter_ratio: float | None = None  # num_parameters / the teacher's
     latency_ratio: float | None = None  # CPU latency / the teacher's (with a latency target)
+    # standard error of (this metric - the teacher's), paired on the same validation rows (accuracy only)
+    paired_standard_error: float | None = None
+    screened_metric: float | None = None  # the metric at the screening evaluation (``screening_fraction``)
     kept_step: int | None = None  # with load_best_model_at_end: the step whose weights were kept
     seconds: float | None = None
 
@@ -67,6 +73,8 @@ class CutOutcome:
         for key, value in (
             ("num_parameters", self.num_parameters),
             (f"eval_{metric_name}", self.metric),
+            ("paired_standard_error", self.paired_standard_error),
+            (f"screened_eval_{metric_name}", self.screened_metric),
             ("kept_step", self.kept_step),
             ("parameter_ratio", self.parameter_ratio),
             ("latency_ratio", self.latency_ratio),
@@ -88,11 +96,21 @@ class CutOutcome:
             "metric": data.get(f"eval_{metric_name}"),
             "parameter_ratio": data.get("parameter_ratio"),
             "latency_ratio": data.get("latency_ratio"),
+            "paired_standard_error": data.get("paired_standard_error"),
+            "screened_metric": data.get(f"screened_eval_{metric_name}"),
             "kept_step": data.get("kept_step"),
             "seconds": data.get("seconds"),
         }
 
-    _KNOWN = {"status", "num_parameters", "parameter_ratio", "latency_ratio", "kept_step", "seconds"}
+    _KNOWN = {
+        "status",
+        "num_parameters",
+        "parameter_ratio",
+        "latency_ratio",
+        "paired_standard_error",
+        "kept_step",
+        "seconds",
+    }
 
 
 @dataclass
@@ -113,7 +131,7 @@ class StageTry(CutOutcome):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], metric_name: str) -> StageTry:
-        known = cls._KNOWN | {"sigma_quantile", f"eval_{metric_name}"}
+        known = cls._KNOWN | {"sigma_quantile", f"eval_{metric_name}", f"screened_eval_{metric_name}"}
         return cls(
             sigma_quantile=data["sigma_quantile"],
             **cls._fields_from_dict(data, metric_name),
@@ -189,6 +207,7 @@ class StageRecord(CutOutcome):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], metric_name: str) -> StageRecord:
         known = cls._KNOWN | {"stage", "sigma_quantile", "sites", "tries", f"eval_{metric_name}"}
+        known.add(f"screened_eval_{metric_name}")
         return cls(
             stage=data["stage"],
             sigma_quantile=data["sigma_quantile"],
@@ -207,6 +226,8 @@ class TeacherRecord:
     metric: float
     fingerprint: str | None = None  # SHA-256 of the weights (``model_fingerprint``): resume checks it
     cpu_latency_seconds: float | None = None  # measured when the run has a latency target
+    # (validation rows,) bool: which rows the teacher classified correctly (accuracy only), for paired comparisons
+    validation_correct: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, metric_name: str) -> dict[str, Any]:
@@ -215,18 +236,34 @@ class TeacherRecord:
             payload["cpu_latency_seconds"] = self.cpu_latency_seconds
         if self.fingerprint is not None:
             payload["fingerprint"] = self.fingerprint
+        if self.validation_correct is not None:
+            payload["validation_correct"] = pack_rows(self.validation_correct)
         return {**payload, **self.extra}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], metric_name: str) -> TeacherRecord:
-        known = {"num_parameters", f"eval_{metric_name}", "fingerprint", "cpu_latency_seconds"}
+        known = {"num_parameters", f"eval_{metric_name}", "fingerprint", "cpu_latency_seconds", "validation_correct"}
+        packed = data.get("validation_correct")
         return cls(
             num_parameters=data["num_parameters"],
             metric=data[f"eval_{metric_name}"],
             fingerprint=data.get("fingerprint"),
             cpu_latency_seconds=data.get("cpu_latency_seconds"),
+            validation_correct=None if packed is None else unpack_rows(packed),
             extra=_split(data, known),
         )
+
+
+def pack_rows(rows: np.ndarray) -> dict[str, Any]:
+    """A (rows,) bool array as ``{"num_rows", "bits"}`` (``bits``: base64 of the packed bits), for JSON."""
+    rows = np.asarray(rows, dtype=bool)
+    return {"num_rows": int(rows.size), "bits": base64.b64encode(np.packbits(rows)).decode("ascii")}
+
+
+def unpack_rows(packed: Mapping[str, Any]) -> np.ndarray:
+    """The inverse of :func:`pack_rows`."""
+    bits = np.frombuffer(base64.b64decode(packed["bits"]), dtype=np.uint8)
+    return np.unpackbits(bits, count=packed["num_rows"]).astype(bool)
 
 
 @dataclass

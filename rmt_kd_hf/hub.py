@@ -154,17 +154,41 @@ def _stage_views(history: RunHistory) -> list[dict]:
                 "seconds": None if stage.seconds is None else f"{stage.seconds:.1f}",
                 "kept_step": stage.kept_step,
                 "sites": sites,
+                "metric_change": _metric_change(stage, history),
                 "tries": [
                     {
                         "sigma_quantile": _number(entry.sigma_quantile),
                         "result": _status(entry)
-                        + (f", {entry.num_parameters:,} parameters" if entry.num_parameters is not None else ""),
+                        + (f", {entry.num_parameters:,} parameters" if entry.num_parameters is not None else "")
+                        + (f", {_metric_change(entry, history)}" if _metric_change(entry, history) else ""),
                     }
                     for entry in stage.tries
                 ],
             }
         )
     return views
+
+
+PAIRED_NOTE = (
+    " Below, ± is the standard error of a cut's change against the teacher, paired on the same validation rows: a cut"
+    " within one standard error of the floor was judged on these rows, and another sample of rows could judge it"
+    " the other way."
+)
+
+
+def _has_paired_errors(history: RunHistory) -> bool:
+    return any(
+        outcome.paired_standard_error is not None for stage in history.stages for outcome in (stage, *stage.tries)
+    )
+
+
+def _metric_change(outcome: CutOutcome, history: RunHistory) -> str:
+    """``"accuracy -1.52 ± 0.65 pt against the teacher"`` (± the paired standard error, where recorded)."""
+    if outcome.metric is None:
+        return ""
+    change = 100 * (outcome.metric - history.teacher.metric)
+    spread = "" if outcome.paired_standard_error is None else f" ± {100 * outcome.paired_standard_error:.2f}"
+    return f"{history.metric_name} {change:+.2f}{spread} pt against the teacher"
 
 
 def _status(outcome: CutOutcome) -> str:
@@ -255,7 +279,7 @@ def build_model_card(
         processor_name={"AutoImageProcessor": "image_processor", "AutoTokenizer": "tokenizer"}.get(processor_class),
         results_rows=_results_rows(history, measurements, images=task == "image-classification"),
         metric_note=f"The compressed {metric} is the last accepted stage's; parameters in parentheses are the "
-        "fraction of the teacher's.",
+        "fraction of the teacher's." + (PAIRED_NOTE if _has_paired_errors(history) else ""),
         stages=_stage_views(history),
         overview_plot=overview_plot,
         plots_dir=os.path.dirname(overview_plot) if overview_plot else None,

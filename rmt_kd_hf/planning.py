@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import numpy as np
+
 from .history import StageRecord, StageStatus
 
 Plan = TypeVar("Plan")
@@ -82,6 +84,18 @@ class CutSearch:
     @property
     def settled(self) -> bool:
         return self.failed - self.passed < self.resolution
+
+
+def paired_standard_error(candidate_correct: np.ndarray | None, teacher_correct: np.ndarray | None) -> float | None:
+    """Standard error of (candidate accuracy - teacher accuracy) on the same rows: ``std(c_i - t_i) / sqrt(n)`` over
+    the per-row correctness ``c_i``, ``t_i`` in {0, 1} (both ``(rows,)`` bool, in the same row order). ``None`` when
+    either is missing or they do not cover the same rows (at least two)."""
+    if candidate_correct is None or teacher_correct is None or len(candidate_correct) != len(teacher_correct):
+        return None
+    if len(teacher_correct) < 2:
+        return None
+    differences = np.asarray(candidate_correct, dtype=float) - np.asarray(teacher_correct, dtype=float)
+    return float(differences.std(ddof=1) / math.sqrt(len(differences)))
 
 
 def judge_cut(metric: float, floor: float, metric_name: str, non_finite_weights: str = "") -> tuple[StageStatus, str]:

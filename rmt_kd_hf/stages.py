@@ -20,7 +20,7 @@ from .callbacks import ScreenCandidate
 from .checkpoint import first_names, non_finite_tensors
 from .compression import analyse_sites, cuts_nothing, plan_stage, plan_stage_for_budget, refit_sites, refuse_empty_sites
 from .history import CutOutcome, RunHistory, StageRecord, StageStatus, StageTry
-from .planning import CutSearch, judge_cut, stage_parameter_target
+from .planning import CutSearch, judge_cut, paired_standard_error, stage_parameter_target
 from .reports import cpu_latency
 from .spectral_report import spectra_record
 from .surgery.base import count_parameters
@@ -91,9 +91,12 @@ class StageRunner:
         )
         if resumed:
             return
-        metric, floor = trainer.validation_metric(), history.floor
+        (metric, correct), floor = trainer.validation_score(), history.floor
         record = {"teacher_size": untrimmed[0].config.vocab_size, "kept_size": len(kept_token_ids)}
         history.vocabulary = {**record, f"eval_{self.args.compression_metric}": metric}
+        standard_error = paired_standard_error(correct, history.teacher.validation_correct)
+        if standard_error is not None:
+            history.vocabulary["paired_standard_error"] = standard_error
         if self.args.trim_vocabulary is None and not metric >= floor:
             history.vocabulary["undone"] = f"{self.args.compression_metric} {metric:.4f} < floor {floor:.4f}"
             logger.warning(
@@ -210,11 +213,13 @@ class StageRunner:
             if screen is not None:
                 trainer.remove_callback(screen)
         screened_out = screen is not None and screen.stopped
-        metric = screen.screened_metric if screened_out else trainer.validation_metric()
+        metric, correct = (screen.screened_metric, None) if screened_out else trainer.validation_score()
         self._set_model(previous)  # until the stage decides
         num_parameters = count_parameters(candidate)
         outcome = CutOutcome(StageStatus.ACCEPTED, num_parameters=num_parameters, metric=metric, kept_step=kept_step)
         outcome.parameter_ratio = num_parameters / self.history.teacher.num_parameters
+        outcome.paired_standard_error = paired_standard_error(correct, self.history.teacher.validation_correct)
+        outcome.screened_metric = screen.screened_metric if screen is not None else None
         if screened_out:
             outcome.status = StageStatus.ROLLED_BACK
             outcome.reason = (
@@ -229,6 +234,16 @@ class StageRunner:
         outcome.status, outcome.reason = judge_cut(
             metric, floor, args.compression_metric, first_names(broken) if broken else ""
         )
+        if outcome.paired_standard_error is not None and abs(metric - floor) < outcome.paired_standard_error:
+            logger.info(
+                "The cut's %s %.4f is within one paired standard error (%.4f) of the floor %.4f: %s on these "
+                "validation rows, but another sample of rows could decide the other way.",
+                args.compression_metric,
+                metric,
+                outcome.paired_standard_error,
+                floor,
+                outcome.status.value,
+            )
         outcome.seconds = time.perf_counter() - start
         return candidate, outcome
 

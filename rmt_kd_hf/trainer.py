@@ -13,6 +13,7 @@ import copy
 import os
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer
@@ -73,6 +74,7 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
         self.history: RunHistory | None = None
         self._hidden_state_bases: list[torch.Tensor] | None = None
         self._stage_spectra: dict[int, dict] = {}
+        self._keep_evaluated_rows, self._evaluated_rows = False, None
 
     @property
     def compression_history(self) -> dict:
@@ -190,7 +192,8 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
 
     def _start_history(self, teacher: nn.Module, fingerprint: str) -> RunHistory:
         args = self.args
-        record = TeacherRecord(count_parameters(teacher), self.validation_metric())
+        metric, correct = self.validation_score()
+        record = TeacherRecord(count_parameters(teacher), metric, validation_correct=correct)
         if args.target_latency_ratio is not None:
             record.cpu_latency_seconds = stop_rule_latency(teacher, args)
         record.fingerprint = fingerprint
@@ -274,14 +277,31 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
 
     def validation_metric(self) -> float:
         """``evaluate()``'s ``compression_metric`` on ``eval_dataset``: what the floor judges."""
+        return self.validation_score()[0]
+
+    def validation_score(self) -> tuple[float, np.ndarray | None]:
+        """``validation_metric()`` and, when the metric is ``accuracy`` of a classifier, which rows it got right:
+        a ``(eval rows,)`` bool array in the evaluation order (the same for every model of a run), else ``None``.
+        The floor's paired standard errors compare these rows between a cut and its teacher."""
         key = f"eval_{self.args.compression_metric}"
-        metrics = self.evaluate()
+        self._keep_evaluated_rows, self._evaluated_rows = self.args.compression_metric == "accuracy", None
+        try:
+            metrics = self.evaluate()
+        finally:
+            self._keep_evaluated_rows = False
         if key not in metrics:
             raise ValueError(
                 f"evaluate() returned no {key!r} (got {sorted(metrics)}): pass compute_metrics that returns "
                 f"{self.args.compression_metric!r}, or set compression_metric to one of its keys."
             )
-        return float(metrics[key])
+        correct, self._evaluated_rows = self._evaluated_rows, None
+        return float(metrics[key]), correct
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        if self._keep_evaluated_rows:
+            self._evaluated_rows = correct_rows(output.predictions, output.label_ids)
+        return output
 
     def _save_final(self, history: RunHistory) -> None:
         """The final model with its history and spectra; ``config.json`` lands last, so an interrupted save never
@@ -339,6 +359,24 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
             tags=tags,
             measurements=measurements,
         )
+
+
+def correct_rows(predictions, label_ids) -> np.ndarray | None:
+    """Which rows a classifier got right: ``predictions`` (rows, classes) logits, or (rows,) class ids when
+    ``preprocess_logits_for_metrics`` already took the argmax, against ``label_ids`` (rows,); ``None`` for anything
+    else (regression, several outputs per row, no labels)."""
+    if isinstance(predictions, (tuple, list)):
+        predictions = predictions[0] if predictions else None
+    if predictions is None or label_ids is None or isinstance(label_ids, (tuple, list)):
+        return None
+    predictions, label_ids = np.asarray(predictions), np.asarray(label_ids)
+    if label_ids.ndim != 1 or len(predictions) != len(label_ids):
+        return None
+    if predictions.ndim == 2 and predictions.shape[1] > 1:
+        predictions = predictions.argmax(axis=-1)
+    elif predictions.ndim != 1 or not np.issubdtype(predictions.dtype, np.integer):
+        return None
+    return predictions == label_ids
 
 
 def _is_number(value) -> bool:

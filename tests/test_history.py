@@ -3,10 +3,11 @@
 import copy
 import json
 
+import numpy as np
 import pytest
 
 from rmt_kd_hf.filenames import HISTORY_FILENAME
-from rmt_kd_hf.history import RunHistory, StageStatus
+from rmt_kd_hf.history import RunHistory, StageStatus, TeacherRecord
 
 SITE = {
     "dim": 384,
@@ -88,3 +89,12 @@ def test_a_broken_history_file_is_named(tmp_path):
     (tmp_path / HISTORY_FILENAME).write_text(json.dumps(bad_status))
     with pytest.raises(ValueError, match="Unknown stage status 'exploded'"):
         RunHistory.load(tmp_path)
+
+
+@pytest.mark.parametrize("num_rows", [1, 7, 8, 1913])
+def test_the_teachers_correct_rows_survive_the_json_round_trip(num_rows):
+    rows = np.random.default_rng(num_rows).random(num_rows) < 0.8
+    teacher = TeacherRecord(num_parameters=10, metric=float(rows.mean()), validation_correct=rows)
+    data = json.loads(json.dumps(teacher.to_dict("accuracy")))
+    assert data["validation_correct"]["num_rows"] == num_rows
+    assert TeacherRecord.from_dict(data, "accuracy").validation_correct.tolist() == rows.tolist()

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from rmt_kd_hf.history import StageRecord, StageStatus
@@ -9,6 +10,7 @@ from rmt_kd_hf.planning import (
     CutSearch,
     judge_cut,
     mildest_quantile_within,
+    paired_standard_error,
     stage_parameter_target,
     stop_rule_fired,
     target_met,
@@ -92,3 +94,14 @@ def test_stop_rules():
     assert not stop_rule_fired([stage(StageStatus.SKIPPED)], max_stages=1)
     assert target_met(stage(latency_ratio=0.4), target_latency_ratio=0.5)
     assert not target_met(stage(latency_ratio=0.6), target_latency_ratio=0.5)
+
+
+def test_the_paired_standard_error_is_that_of_the_per_row_differences():
+    teacher = np.array([1, 1, 0, 1, 0, 1, 1, 0], dtype=bool)
+    student = np.array([1, 0, 0, 1, 1, 1, 0, 0], dtype=bool)
+    differences = student.astype(float) - teacher.astype(float)  # 0 -1 0 0 1 0 -1 0: mean -1/8
+    variance = ((differences + 1 / 8) ** 2).sum() / 7
+    assert paired_standard_error(student, teacher) == pytest.approx((variance / 8) ** 0.5)
+    assert paired_standard_error(teacher, teacher) == 0.0
+    assert paired_standard_error(student[:4], teacher) is None  # not the same rows
+    assert paired_standard_error(None, teacher) is None

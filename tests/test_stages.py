@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification, TrainerCallback, default_data_collator
 
+from rmt_kd_hf.history import RunHistory
 from rmt_kd_hf.stages import stage_schedule
 from rmt_kd_hf.surgery.base import count_parameters
 from rmt_kd_hf.surgery.bert import BertSurgery
@@ -115,6 +116,7 @@ def test_a_hopeless_cut_is_screened_out_early(tmp_path):
     stage = trainer.compression_history["stages"][0]
     assert stage["status"].startswith("rolled back: screened out after 2 of 20 steps: accuracy 0.2000 < floor 0.8900")
     assert [entry["status"][:32] for entry in stage["tries"]] == ["rolled back: screened out after "] * 2
+    assert [entry["screened_eval_accuracy"] for entry in stage["tries"]] == [0.2, 0.2]
     assert steps == [1, 2, 1, 2]  # two tries, two steps each, instead of 40
     assert set(model.config.boundary_sizes) == {model.config.norm_size}  # the model before the stage is kept
 
@@ -181,3 +183,45 @@ def test_the_latency_target_times_teacher_and_candidate_the_same_way(tmp_path):
     history = trainer.compression_history
     assert history["teacher"]["cpu_latency_seconds"] > 0
     assert 0 < history["stages"][0]["latency_ratio"] < float("inf")  # candidate time / teacher time, both recorded
+
+
+def test_every_verdict_records_the_paired_standard_error_of_its_change_against_the_teacher(tmp_path):
+    trainer = make_trainer(tmp_path, stage_max_steps=4, stage_retries=0, max_metric_drop=1.0)
+    teacher = trainer.model
+    with torch.no_grad():
+        teacher_correct = rows_correct(teacher, trainer.eval_dataset)
+    model = trainer.compress()
+    history = trainer.compression_history
+    stage = history["stages"][0]
+    with torch.no_grad():
+        student_correct = rows_correct(model, trainer.eval_dataset)
+    differences = student_correct.float() - teacher_correct.float()
+    expected = (differences.std() / len(differences) ** 0.5).item()  # std with n - 1, as the trainer's
+    assert stage["status"] == "accepted" and expected > 0
+    assert stage["paired_standard_error"] == pytest.approx(expected, rel=1e-6)
+    assert stage["eval_accuracy"] == pytest.approx(student_correct.float().mean().item())
+    assert 0 <= stage["screened_eval_accuracy"] <= 1  # the passing cut's metric after its first step, kept
+    assert RunHistory.from_dict(history).teacher.validation_correct.tolist() == teacher_correct.tolist()
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    change = 100 * (stage["eval_accuracy"] - history["teacher"]["eval_accuracy"])
+    assert f"validation accuracy {change:+.2f} ± {100 * expected:.2f} pt against the teacher" in card
+
+
+def test_no_standard_error_is_claimed_for_a_metric_other_than_accuracy(tmp_path):
+    def f1(prediction):
+        return {"f1": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    trainer = make_trainer(
+        tmp_path, compute_metrics=f1, compression_metric="f1", stage_max_steps=2, stage_retries=0, max_metric_drop=1.0
+    )
+    trainer.compress()
+    history = trainer.compression_history
+    assert "paired_standard_error" not in history["stages"][0]
+    assert "validation_correct" not in history["teacher"]
+
+
+def rows_correct(model, dataset) -> torch.Tensor:
+    batch = default_data_collator([dataset[i] for i in range(len(dataset))])
+    labels = batch.pop("labels")
+    return model.eval()(**batch).logits.argmax(-1) == labels
