@@ -15,11 +15,18 @@ from .config import RMTKDConfig
 from .export import export_onnx
 from .losses import distillation_loss
 from .models.rmt_bert import (
+    FAMILY_CLASSES,
     RMTBertConfig,
     RMTBertForQuestionAnswering,
     RMTBertForSequenceClassification,
     RMTBertForTokenClassification,
     RMTBertModel,
+    RMTElectraConfig,
+    RMTElectraForSequenceClassification,
+    RMTRobertaConfig,
+    RMTRobertaForSequenceClassification,
+    RMTXLMRobertaConfig,
+    RMTXLMRobertaForSequenceClassification,
 )
 from .models.rmt_resnet import RMTResNetConfig, RMTResNetForImageClassification, RMTResNetModel
 from .spectral import (
@@ -36,15 +43,12 @@ from .trainer import RMTKDTrainer
 
 __version__ = "0.1.0"
 
-_AUTO_CLASSES = {
-    "AutoModel": (AutoModel, RMTBertModel),
-    "AutoModelForSequenceClassification": (
-        AutoModelForSequenceClassification,
-        RMTBertForSequenceClassification,
-    ),
-    "AutoModelForTokenClassification": (AutoModelForTokenClassification, RMTBertForTokenClassification),
-    "AutoModelForQuestionAnswering": (AutoModelForQuestionAnswering, RMTBertForQuestionAnswering),
-}
+_TEXT_AUTO_CLASSES = (  # in the order of FAMILY_CLASSES' entries
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoModelForQuestionAnswering,
+)
 _RESNET_AUTO_CLASSES = {
     "AutoModel": (AutoModel, RMTResNetModel),
     "AutoModelForImageClassification": (AutoModelForImageClassification, RMTResNetForImageClassification),
@@ -52,12 +56,14 @@ _RESNET_AUTO_CLASSES = {
 
 
 def _register_auto_classes() -> None:
-    AutoConfig.register(RMTBertConfig.model_type, RMTBertConfig, exist_ok=True)
-    RMTBertConfig.register_for_auto_class()
-    for auto_name, (auto_class, model_class) in _AUTO_CLASSES.items():
-        auto_class.register(RMTBertConfig, model_class, exist_ok=True)
-        # save_pretrained then copies the modeling files beside the weights (trust_remote_code loading).
-        model_class.register_for_auto_class(auto_name)
+    for model_classes in FAMILY_CLASSES.values():
+        config_class = model_classes[0].config_class
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        config_class.register_for_auto_class()
+        for auto_class, model_class in zip(_TEXT_AUTO_CLASSES, model_classes, strict=True):
+            auto_class.register(config_class, model_class, exist_ok=True)
+            # save_pretrained then copies the modeling files beside the weights (trust_remote_code loading).
+            model_class.register_for_auto_class(auto_class.__name__)
     AutoConfig.register(RMTResNetConfig.model_type, RMTResNetConfig, exist_ok=True)
     RMTResNetConfig.register_for_auto_class()
     for auto_name, (auto_class, model_class) in _RESNET_AUTO_CLASSES.items():
@@ -77,11 +83,17 @@ __all__ = [
     "RMTBertForSequenceClassification",
     "RMTBertForTokenClassification",
     "RMTBertModel",
+    "RMTElectraConfig",
+    "RMTElectraForSequenceClassification",
     "RMTKDConfig",
     "RMTKDTrainer",
     "RMTResNetConfig",
     "RMTResNetForImageClassification",
     "RMTResNetModel",
+    "RMTRobertaConfig",
+    "RMTRobertaForSequenceClassification",
+    "RMTXLMRobertaConfig",
+    "RMTXLMRobertaForSequenceClassification",
     "analyse_sites",
     "collect_covariances",
     "compress_model",

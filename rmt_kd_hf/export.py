@@ -30,7 +30,8 @@ from .reports import median_seconds
 ONNX_EXTRA = "pip install 'rmt-kd-hf[onnx]'"
 DEFAULT_OPSET = 18
 # the model types whose graphs export_onnx has been tested on, by input kind
-TEXT_MODEL_TYPES = ("bert", "rmt_bert")
+TEXT_MODEL_TYPES = ("bert", "rmt_bert", "rmt_roberta", "rmt_xlm_roberta", "rmt_electra", "rmt_distilbert")
+_NO_POOLER_TYPES = ("rmt_electra", "rmt_distilbert")  # their AutoModel returns the last hidden state only
 IMAGE_MODEL_TYPES = ("resnet", "rmt_resnet")
 # architecture suffix -> (Auto class, ONNX output names)
 _HEADS = {
@@ -121,6 +122,8 @@ def _auto_class_and_outputs(config: Mapping) -> tuple[str, tuple[str, ...]]:
     for suffix, (auto_class, outputs) in _HEADS.items():
         if architecture.endswith(suffix):
             return auto_class, outputs
+    if model_type in _NO_POOLER_TYPES:
+        return "AutoModel", ("last_hidden_state",)
     return "AutoModel", ("last_hidden_state", "pooler_output")
 
 
@@ -158,7 +161,10 @@ def _dynamic_shapes(inputs: Mapping[str, torch.Tensor], config) -> dict[str, dic
     if "pixel_values" in inputs:
         # stride-2 stem, pool and stages: sides from 32 pixels up
         return {"pixel_values": {0: batch, 2: torch.export.Dim("height", min=32), 3: torch.export.Dim("width", min=32)}}
-    sequence = torch.export.Dim("sequence_length", min=1, max=config.max_position_embeddings)
+    longest = config.max_position_embeddings
+    if getattr(config, "position_ids_from_padding", False):  # RoBERTa's positions start after pad_token_id
+        longest -= config.pad_token_id + 1
+    sequence = torch.export.Dim("sequence_length", min=1, max=longest)
     return {name: {0: batch, 1: sequence} for name in inputs}
 
 

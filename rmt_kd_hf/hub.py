@@ -308,6 +308,8 @@ def write_spectrum_plots(directory: str | os.PathLike, output_dir: str | os.Path
         logger.warning("The model card gets no spectrum plots: %s", error)
         return None
     spectra = load_spectra(os.path.join(directory, SPECTRA_FILENAME))
+    if not spectra:  # no stage was kept
+        return None
     os.makedirs(os.path.join(output_dir, PLOTS_DIRNAME), exist_ok=True)
     for spectrum in spectra:
         plot_site(spectrum, os.path.join(output_dir, PLOTS_DIRNAME, f"{spectrum.group}_{spectrum.name}.png"), pyplot)

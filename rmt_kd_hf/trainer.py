@@ -184,6 +184,13 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
         history.final = FinalRecord(
             count_parameters(self.model), surgery.widths(self.model), weights_megabytes(self.model)
         )
+        if not history.accepted_stages:
+            logger.warning(
+                "No cut was kept: the saved model is the teacher re-expressed in its compressible form (%d "
+                "parameters against the teacher's %d). Keep using the teacher, or relax the floor.",
+                history.final.num_parameters,
+                history.teacher.num_parameters,
+            )
         if args.measure_latency and next(self.model.parameters()).device.type == "cpu":
             history.latency = latency_comparison(teacher, self.model, args.latency_sequence_length)
         self.history = history

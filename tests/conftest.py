@@ -5,6 +5,7 @@ import tempfile
 
 import pytest
 import torch
+import transformers
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, default_data_collator
 
@@ -146,3 +147,41 @@ def cli_compress(teacher, paths: dict, output_dir, *options: str) -> int:
     quiet = ["--report_to=none", "--disable_tqdm=true", "--use_cpu=true", f"--cache_dir={cache}"]
     argv = ["compress", f"--model_name_or_path={teacher}", *files, f"--output_dir={output_dir}", "--do_train"]
     return main([*argv, *quick, *quiet, *options])
+
+
+# The encoder families beside BERT, as tiny random models built from transformers' own config classes.
+COMMON = dict(
+    vocab_size=120,
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=96,
+    max_position_embeddings=40,
+    pad_token_id=0,  # the test batches pad with 0: RoBERTa's positions then skip the padding
+)
+FAMILIES = {  # family: (config class, extra config fields, its model_type when compressed)
+    "roberta": (transformers.RobertaConfig, {"type_vocab_size": 1}, "rmt_roberta"),
+    "xlm_roberta": (transformers.XLMRobertaConfig, {"type_vocab_size": 1}, "rmt_xlm_roberta"),
+    "electra": (transformers.ElectraConfig, {"embedding_size": 32}, "rmt_electra"),  # with embeddings_project
+    "distilbert": (transformers.DistilBertConfig, {}, "rmt_distilbert"),  # BERT's fields under other names
+}
+HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "Model")
+TEACHER_PREFIX = {"roberta": "Roberta", "xlm_roberta": "XLMRoberta", "electra": "Electra", "distilbert": "DistilBert"}
+
+
+def family_teacher(family: str, head: str = "ForSequenceClassification", seed: int = 0, **overrides):
+    """A seeded tiny random ``<Family><head>`` teacher, its weights moved off their initial values."""
+    config_class, extra, _ = FAMILIES[family]
+    num_labels = 2 if head == "ForQuestionAnswering" else 3
+    fields = {**COMMON, **extra, "num_labels": num_labels, **overrides}
+    if config_class is transformers.DistilBertConfig:
+        names = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
+        fields = {names.get(key, key): value for key, value in fields.items()}
+        fields["hidden_dim"] = fields.pop("intermediate_size")
+    config = config_class(**fields)
+    torch.manual_seed(seed)
+    teacher = getattr(transformers, f"{TEACHER_PREFIX[family]}{head}")(config).eval()
+    with torch.no_grad():  # LayerNorm gains and biases are 1 and 0 at initialisation: make them generic
+        for parameter in teacher.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return teacher

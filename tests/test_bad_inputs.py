@@ -42,7 +42,9 @@ def untouched(tmp_path):
 def test_unsupported_architectures(tmp_path, untouched):
     untouched()
     gpt2 = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, num_labels=2))
-    with pytest.raises(ValueError, match=r"no surgery for GPT2ForSequenceClassification\. Supported: BertModel"):
+    with pytest.raises(
+        ValueError, match=r"no surgery for GPT2ForSequenceClassification\. Supported: the encoders BERT, RoBERTa"
+    ):
         make_trainer(tmp_path, model=gpt2)
     with pytest.raises(ValueError, match="no surgery for BertForMaskedLM"):
         make_trainer(tmp_path, model=BertForMaskedLM(tiny_bert_config()))

@@ -23,7 +23,7 @@ from rmt_kd_hf import compress_model
 from rmt_kd_hf.checkpoint import save_compressed
 from rmt_kd_hf.cli import main as cli_main
 
-from .conftest import logits_of, make_batches, tiny_bert_config
+from .conftest import FAMILIES, family_teacher, logits_of, make_batches, tiny_bert_config
 from .resnet_fixtures import image_batches, tiny_resnet
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'rmt-kd-hf[onnx]'")
@@ -127,6 +127,18 @@ def test_every_compressed_head_exports(model_class, tmp_path):
         BertForQuestionAnswering: ["start_logits", "end_logits"],
     }
     assert exported.output_names == expected_outputs[model_class]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_encoder_family_exports_with_dynamic_batch_length_and_padding(family, tmp_path):
+    student, _ = compress_model(family_teacher(family), make_batches(), sigma_quantile=0.6, progress=False)
+    save_compressed(student, tmp_path / "student")
+    exported = export_onnx(tmp_path / "student", tmp_path / "onnx", quantize="int8")
+    assert exported.max_abs_difference <= 1e-4
+    longest = 40 - 1 if family != "electra" else 40  # RoBERTa's positions start after pad_token_id = 0
+    for batch_size, length in ((1, 5), (3, longest)):
+        batch = padded_batch(batch_size, length, seed=length)
+        np.testing.assert_allclose(onnx_logits(exported.onnx_path, batch), logits_of(student, batch).numpy(), atol=1e-4)
 
 
 def test_compressed_resnet_exports_with_dynamic_image_size(tmp_path):

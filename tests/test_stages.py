@@ -39,6 +39,8 @@ def test_a_stage_below_the_floor_is_rolled_back(tmp_path):
     history = trainer.compression_history
     assert history["stages"][0]["status"].startswith("rolled back")
     assert model.config.boundary_sizes == [48] * 5  # the teacher's widths, in its RMT form
+    trainer.create_model_card()  # no stage kept, no spectra to plot: still a card
+    assert "rolled back" in (tmp_path / "out" / "README.md").read_text()
     batch = default_data_collator([trainer.eval_dataset[i] for i in range(4)])
     batch.pop("labels")
     with torch.no_grad():

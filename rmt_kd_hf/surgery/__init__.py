@@ -19,10 +19,11 @@ def get_surgery(model: nn.Module, **options) -> ArchitectureSurgery:
             raise ValueError(f"Surgery options {sorted(options)} apply to BERT models only, not to ResNets.")
         return ResNetSurgery()
     raise ValueError(
-        f"RMT-KD has no surgery for {type(model).__name__}. Supported: BertModel, BertForSequenceClassification, "
-        "BertForTokenClassification, BertForQuestionAnswering, ResNetModel, ResNetForImageClassification, "
-        "TimmWrapperForImageClassification around a plain timm ResNet (and the compressed RMTBert*/RMTResNet* "
-        "versions)."
+        f"RMT-KD has no surgery for {type(model).__name__}. Supported: the encoders BERT, RoBERTa, XLM-RoBERTa, "
+        "ELECTRA, DistilBERT (their *Model, *ForSequenceClassification, *ForTokenClassification and "
+        "*ForQuestionAnswering classes), ResNetModel, ResNetForImageClassification, "
+        "TimmWrapperForImageClassification around a plain timm ResNet, and the compressed RMT* versions of all of "
+        "them."
     )
 
 

@@ -1,4 +1,5 @@
-"""RMT-KD surgery for post-LayerNorm BERT encoders (``BertModel`` and its task heads).
+"""RMT-KD surgery for post-LayerNorm BERT-style encoders: BERT, RoBERTa, XLM-RoBERTa and ELECTRA (each family
+an :class:`EncoderFamily` description: its teacher classes, their ``RMT*`` counterparts, and what differs).
 
 A teacher is first re-expressed exactly as an ``RMTBert*`` model with identity bases (``prepare``). Every
 compression is then a rotation + truncation of the current coordinates, so a once-compressed model can be
@@ -20,6 +21,7 @@ compressed again with the same code (docs/design.md §4):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,15 +30,29 @@ from transformers import (
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
+    DistilBertForQuestionAnswering,
+    DistilBertForSequenceClassification,
+    DistilBertForTokenClassification,
+    DistilBertModel,
+    ElectraForQuestionAnswering,
+    ElectraForSequenceClassification,
+    ElectraForTokenClassification,
+    ElectraModel,
+    RobertaForQuestionAnswering,
+    RobertaForSequenceClassification,
+    RobertaForTokenClassification,
+    RobertaModel,
+    XLMRobertaForQuestionAnswering,
+    XLMRobertaForSequenceClassification,
+    XLMRobertaForTokenClassification,
+    XLMRobertaModel,
 )
 
 from ..calibration import ActivationTap
 from ..models.rmt_bert import (
+    FAMILY_CLASSES,
     RMTBertConfig,
-    RMTBertForQuestionAnswering,
     RMTBertForSequenceClassification,
-    RMTBertForTokenClassification,
-    RMTBertModel,
     RMTBertPreTrainedModel,
 )
 from ..models.rmt_bert.configuration_rmt_bert import RMT_BERT_FORMAT_VERSION
@@ -44,50 +60,184 @@ from ..spectral import CovarianceAccumulator
 from .base import Site, SiteAnalysis, least_squares_compensation, select_neurons
 from .heads import head_blocks, query_key_reduction, value_output_reduction
 
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """How a post-LayerNorm encoder family maps onto the ``RMT*`` layout (BERT's module names under the family's
+    ``base_model_prefix``).
+
+    Attributes:
+        name: the teacher's ``model_type``.
+        teacher_classes: base model, sequence-, token-classification and question-answering classes.
+        rmt_model_type: the ``model_type`` of its compressed form (a key of ``FAMILY_CLASSES``).
+        projected_embeddings: the teacher may project its embeddings (ELECTRA's ``embeddings_project``, when
+            ``embedding_size != hidden_size``); the projection is folded into the embedding LayerNorm.
+        positions_after_padding: position ids count from ``pad_token_id + 1`` (RoBERTa), so sequences are
+            ``pad_token_id + 1`` shorter than ``max_position_embeddings``.
+        module_names: ``(teacher's, BERT's)`` pieces of weight names, replaced in that order (DistilBERT's
+            ``transformer.layer.i.attention.q_lin`` is BERT's ``encoder.layer.i.attention.self.query``).
+        config_names: ``{teacher's config field: BERT's}`` (DistilBERT's ``dim`` is ``hidden_size``).
+        config_values: fields the teacher's config does not carry (DistilBERT: one token type, its LayerNorm eps).
+        zero_token_types: the teacher has no token types: the compressed model gets a one-row zero table.
+    """
+
+    name: str
+    teacher_classes: tuple[type, type, type, type]
+    rmt_model_type: str
+    projected_embeddings: bool = False
+    positions_after_padding: bool = False
+    module_names: tuple[tuple[str, str], ...] = ()
+    config_names: tuple[tuple[str, str], ...] = ()
+    config_values: tuple[tuple[str, object], ...] = ()
+    zero_token_types: bool = False
+
+    def teacher_state(self, teacher: nn.Module) -> dict[str, torch.Tensor]:
+        """The teacher's weights under BERT's module names."""
+        state = {}
+        for name, tensor in teacher.state_dict().items():
+            for old, new in self.module_names:
+                name = name.replace(old, new)
+            state[name] = tensor
+        return state
+
+    def config_fields(self, teacher_config) -> dict:
+        """The teacher's config as ``RMTBertConfig`` fields."""
+        fields = teacher_config.to_dict()
+        for old, new in self.config_names:
+            if old in fields:
+                fields[new] = fields.pop(old)
+        fields.update(self.config_values)
+        for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
+            fields.pop(key, None)
+        # the embedding LayerNorm normalises over the embedding width (ELECTRA's embedding_size; the others' hidden)
+        fields["embedding_norm_size"] = fields.get("embedding_size") or fields["hidden_size"]
+        return fields
+
+
+ENCODER_FAMILIES = (
+    EncoderFamily(
+        "bert",
+        (BertModel, BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering),
+        "rmt_bert",
+    ),
+    EncoderFamily(
+        "roberta",
+        (RobertaModel, RobertaForSequenceClassification, RobertaForTokenClassification, RobertaForQuestionAnswering),
+        "rmt_roberta",
+        positions_after_padding=True,
+    ),
+    EncoderFamily(
+        "xlm-roberta",
+        (
+            XLMRobertaModel,
+            XLMRobertaForSequenceClassification,
+            XLMRobertaForTokenClassification,
+            XLMRobertaForQuestionAnswering,
+        ),
+        "rmt_xlm_roberta",
+        positions_after_padding=True,
+    ),
+    EncoderFamily(
+        "electra",
+        (ElectraModel, ElectraForSequenceClassification, ElectraForTokenClassification, ElectraForQuestionAnswering),
+        "rmt_electra",
+        projected_embeddings=True,
+    ),
+    EncoderFamily(
+        "distilbert",
+        (
+            DistilBertModel,
+            DistilBertForSequenceClassification,
+            DistilBertForTokenClassification,
+            DistilBertForQuestionAnswering,
+        ),
+        "rmt_distilbert",
+        module_names=(
+            ("transformer.layer.", "encoder.layer."),
+            (".attention.q_lin.", ".attention.self.query."),
+            (".attention.k_lin.", ".attention.self.key."),
+            (".attention.v_lin.", ".attention.self.value."),
+            (".attention.out_lin.", ".attention.output.dense."),
+            (".sa_layer_norm.", ".attention.output.LayerNorm."),
+            (".ffn.lin1.", ".intermediate.dense."),
+            (".ffn.lin2.", ".output.dense."),
+            (".output_layer_norm.", ".output.LayerNorm."),
+        ),
+        config_names=(
+            ("dim", "hidden_size"),
+            ("n_layers", "num_hidden_layers"),
+            ("n_heads", "num_attention_heads"),
+            ("hidden_dim", "intermediate_size"),
+            ("activation", "hidden_act"),
+            ("dropout", "hidden_dropout_prob"),
+            ("attention_dropout", "attention_probs_dropout_prob"),
+            ("seq_classif_dropout", "classifier_dropout"),
+        ),
+        config_values=(("type_vocab_size", 1), ("layer_norm_eps", 1e-12)),
+        zero_token_types=True,
+    ),
+)
 TEACHER_TO_RMT = {
-    BertModel: RMTBertModel,
-    BertForSequenceClassification: RMTBertForSequenceClassification,
-    BertForTokenClassification: RMTBertForTokenClassification,
-    BertForQuestionAnswering: RMTBertForQuestionAnswering,
+    teacher: rmt
+    for family in ENCODER_FAMILIES
+    for teacher, rmt in zip(family.teacher_classes, FAMILY_CLASSES[family.rmt_model_type], strict=True)
 }
 RMT_CLASSES = tuple(TEACHER_TO_RMT.values())
 
 
 def is_bert_family(model: nn.Module) -> bool:
+    """A teacher of a supported post-LayerNorm encoder family, or its compressed ``RMT*`` form."""
     return type(model) in TEACHER_TO_RMT or isinstance(model, RMT_CLASSES)
 
 
+def family_of(model: nn.Module) -> EncoderFamily:
+    """The family of a teacher or of its compressed form."""
+    for family in ENCODER_FAMILIES:
+        rmt_classes = FAMILY_CLASSES[family.rmt_model_type]
+        if type(model) in family.teacher_classes or type(model) in rmt_classes:
+            return family
+    raise ValueError(f"{type(model).__name__} is not in any of the encoder families {_family_names()}.")
+
+
+def _family_names() -> str:
+    return ", ".join(family.name for family in ENCODER_FAMILIES)
+
+
 def _encoder(model: nn.Module) -> nn.Module:
-    return model if isinstance(model, (BertModel, RMTBertModel)) else model.bert
+    return model.base_model
 
 
 def _prefix(model: nn.Module) -> str:
-    return "" if isinstance(model, (BertModel, RMTBertModel)) else "bert."
+    return "" if model.base_model is model else f"{model.base_model_prefix}."
 
 
-def _check_teacher_config(config) -> None:
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-        raise ValueError("RMT-KD supports encoder-only BERT; this config is a decoder (is_decoder=True).")
-    if not isinstance(config.hidden_act, str):
+def _check_teacher_config(fields: dict) -> None:
+    """``fields``: the teacher's config under BERT's names (``EncoderFamily.config_fields``)."""
+    if fields.get("is_decoder") or fields.get("add_cross_attention"):
+        raise ValueError("RMT-KD supports encoders only; this config is a decoder (is_decoder=True).")
+    if not isinstance(fields.get("hidden_act"), str):
         raise ValueError("hidden_act must be a string name (e.g. 'gelu') so the compressed config can save it.")
 
 
 def convert_bert_to_rmt(model: nn.Module) -> RMTBertPreTrainedModel:
-    """Exact re-expression of a ``Bert*`` model as an ``RMTBert*`` model with identity bases."""
+    """Exact re-expression of a teacher of ``ENCODER_FAMILIES`` (``Bert*``, ``Roberta*``, ...) as its ``RMT*`` model
+    with identity bases."""
     if isinstance(model, RMT_CLASSES):
         return model
     rmt_class = TEACHER_TO_RMT.get(type(model))
     if rmt_class is None:
         supported = ", ".join(cls.__name__ for cls in TEACHER_TO_RMT)
-        raise ValueError(f"RMT-KD's BERT surgery does not support {type(model).__name__}; supported: {supported}.")
-    _check_teacher_config(model.config)
-    teacher_fields = model.config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
-        teacher_fields.pop(key, None)
-    config = RMTBertConfig(**teacher_fields)
+        raise ValueError(f"RMT-KD's encoder surgery does not support {type(model).__name__}; supported: {supported}.")
+    fields = family_of(model).config_fields(model.config)
+    _check_teacher_config(fields)
+    config = rmt_class.config_class(**fields)
     config.architectures = [rmt_class.__name__]
     student = rmt_class(config).to(dtype=next(model.parameters()).dtype)
-    teacher_state = model.state_dict()
+    family = family_of(model)
+    teacher_state = family.teacher_state(model)
+    if family.zero_token_types:  # one token type whose row adds nothing
+        name = f"{_prefix(model)}embeddings.token_type_embeddings.weight"
+        teacher_state[name] = torch.zeros_like(student.state_dict()[name])
     state = {}
     for name in student.state_dict():
         if ".LayerNorm." in name:
@@ -99,11 +249,24 @@ def convert_bert_to_rmt(model: nn.Module) -> RMTBertPreTrainedModel:
             state[f"{ln_prefix}.mean_direction"] = torch.ones_like(gamma)
         elif name in teacher_state:
             state[name] = teacher_state[name].clone()
+    _fold_embedding_projection(state, teacher_state, _prefix(model))
     student.load_state_dict(state, strict=False)
     missing = set(student.state_dict()) - set(state)
     if missing - {n for n in missing if n.endswith("position_ids")}:
         raise ValueError(f"Teacher weights missing for {sorted(missing)}")
     return student.eval() if not model.training else student
+
+
+def _fold_embedding_projection(state: dict, teacher_state: dict, prefix: str) -> None:
+    """ELECTRA's ``embeddings_project`` (``P``, ``c``) after the embedding LayerNorm, folded into it: the lifted
+    LayerNorm's weight becomes ``P W`` and its bias ``P b + c`` (exact: the projection is linear)."""
+    projection = teacher_state.get(f"{prefix}embeddings_project.weight")
+    if projection is None:
+        return
+    norm = f"{prefix}embeddings.LayerNorm"
+    weight, bias = state[f"{norm}.weight"], state[f"{norm}.bias"]
+    state[f"{norm}.weight"] = projection @ weight
+    state[f"{norm}.bias"] = projection @ bias + teacher_state[f"{prefix}embeddings_project.bias"]
 
 
 def bert_taps(model: RMTBertPreTrainedModel, attention: bool = False) -> list[ActivationTap]:
@@ -325,7 +488,7 @@ def compressed_config(model: RMTBertPreTrainedModel, widths: dict[str, int], wid
     Embedding, residual and FFN widths are rounded up to a multiple of ``width_multiple``."""
     widths = round_widths(widths, _site_dims(model), width_multiple)
     num_layers = model.config.num_hidden_layers
-    config = RMTBertConfig.from_dict(model.config.to_dict())
+    config = type(model.config).from_dict(model.config.to_dict())
     config.rmt_kd_format_version = RMT_BERT_FORMAT_VERSION  # apply_bert_bases writes the current format
     config.embedding_size = widths["embeddings"]
     if "word_embeddings" in widths:
@@ -434,7 +597,7 @@ def apply_bert_bases(
     embedding_basis = torch.from_numpy(analyses["embeddings"].basis())
 
     _embedding_rewrite(rewriter, model, analyses, embedding_basis, new_config.word_embedding_rank)
-    rewriter.lifted_norm("embeddings.LayerNorm", embedding_basis, bases[0], config.norm_size)
+    rewriter.lifted_norm("embeddings.LayerNorm", embedding_basis, bases[0], config.embedding_norm_size)
     for layer in range(num_layers):
         base = f"encoder.layer.{layer}"
         basis_in, basis_mid, basis_out = bases[2 * layer], bases[2 * layer + 1], bases[2 * layer + 2]
@@ -447,12 +610,11 @@ def apply_bert_bases(
 
     compressed = type(model)(new_config)
     state = {name: tensor.to(dtype) for name, tensor in rewriter.state.items()}
+    readers = _head_readers(model)
     for name, tensor in model.state_dict().items():  # heads: read the last boundary or pass through
         if name in state or name.startswith(prefix + "embeddings.") or name.endswith(".gain_direction"):
             continue
-        if name in ("classifier.weight", "qa_outputs.weight") and not isinstance(
-            model, RMTBertForSequenceClassification
-        ):
+        if name in readers:
             state[name] = (tensor.to(torch.float64) @ bases[-1].T).to(dtype)
         else:
             state[name] = tensor.detach().cpu().clone()
@@ -461,13 +623,21 @@ def apply_bert_bases(
     return compressed.train(model.training)
 
 
+def _head_readers(model: RMTBertPreTrainedModel) -> set[str]:
+    """The head weights that read the encoder's last boundary (BERT's pooler is rewritten with the encoder)."""
+    if isinstance(model, RMTBertForSequenceClassification):
+        readers = {"pooler": set(), "pre_classifier_relu": {"pre_classifier.weight"}}
+        return readers.get(model.config.classifier_head, {"classifier.dense.weight"})
+    return {"classifier.weight", "qa_outputs.weight"}
+
+
 def _layer_output_bases(analyses, count: int) -> list[torch.Tensor]:
     """Bases of the residual boundaries that ``output_hidden_states`` returns (embeddings, each layer's output)."""
     return [torch.from_numpy(analyses[f"boundary.{2 * i}"].basis()) for i in range(count)]
 
 
 class BertSurgery:
-    """``ArchitectureSurgery`` for BERT encoders.
+    """``ArchitectureSurgery`` for the post-LayerNorm encoders of ``ENCODER_FAMILIES``.
 
     Args:
         reduce_attention_heads: also choose per-head query/key and value sizes (per layer) by the MP rule.
@@ -519,9 +689,13 @@ class BertSurgery:
         """Random token ids (batch_size, size) and an all-ones mask (BERT skips it; the compressed models apply it)."""
         config = model.config
         maximum = getattr(config, "max_position_embeddings", None) or 128
+        if family_of(model).positions_after_padding:
+            maximum -= (config.pad_token_id or 0) + 1
         length = maximum if size is None else min(size, maximum)
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(1, config.vocab_size, (batch_size, length), generator=generator)
+        if config.pad_token_id is not None:  # no padding inside the timed rows
+            input_ids[input_ids == config.pad_token_id] = (config.pad_token_id + 1) % config.vocab_size
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     def hidden_state_bases(self, model: RMTBertPreTrainedModel, analyses) -> list[torch.Tensor]:
@@ -539,7 +713,10 @@ class BertSurgery:
 
 
 __all__ = [
+    "ENCODER_FAMILIES",
     "BertSurgery",
+    "EncoderFamily",
+    "family_of",
     "apply_bert_bases",
     "bert_sites",
     "bert_taps",

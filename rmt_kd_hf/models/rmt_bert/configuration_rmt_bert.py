@@ -6,14 +6,25 @@ but ``transformers``.
 
 from transformers import BertConfig
 
-# Written into every config so that `trust_remote_code=True` finds the classes without rmt_kd_hf installed.
-AUTO_MAP = {
-    "AutoConfig": "configuration_rmt_bert.RMTBertConfig",
-    "AutoModel": "modeling_rmt_bert.RMTBertModel",
-    "AutoModelForSequenceClassification": "modeling_rmt_bert.RMTBertForSequenceClassification",
-    "AutoModelForTokenClassification": "modeling_rmt_bert.RMTBertForTokenClassification",
-    "AutoModelForQuestionAnswering": "modeling_rmt_bert.RMTBertForQuestionAnswering",
-}
+
+def auto_map(config_class: str, model_prefix: str) -> dict[str, str]:
+    """Written into every config so that `trust_remote_code=True` finds the classes without rmt_kd_hf installed."""
+    return {
+        "AutoConfig": f"configuration_rmt_bert.{config_class}",
+        "AutoModel": f"modeling_rmt_bert.{model_prefix}Model",
+        "AutoModelForSequenceClassification": f"modeling_rmt_bert.{model_prefix}ForSequenceClassification",
+        "AutoModelForTokenClassification": f"modeling_rmt_bert.{model_prefix}ForTokenClassification",
+        "AutoModelForQuestionAnswering": f"modeling_rmt_bert.{model_prefix}ForQuestionAnswering",
+    }
+
+
+AUTO_MAP = auto_map("RMTBertConfig", "RMTBert")
+
+# How a family's sequence classifier reads the encoder's first token (all keep the teacher's weights exactly):
+# "pooler": BERT's pooler (dense, tanh) then `classifier`; "dense_tanh": RoBERTa's `classifier.dense`, tanh,
+# `classifier.out_proj`; "dense_gelu": ELECTRA's, with gelu; "pre_classifier_relu": DistilBERT's `pre_classifier`,
+# ReLU, `classifier`.
+CLASSIFIER_HEADS = ("pooler", "dense_tanh", "dense_gelu", "pre_classifier_relu")
 
 # Bumped whenever the meaning of a field or a weight changes; loaders refuse newer versions and read older ones.
 # 1: lifted LayerNorm weight W = P_out diag(γ) P_inᵀ plus a `gain_direction` g = P_out γ.
@@ -42,7 +53,13 @@ class RMTBertConfig(BertConfig):
         attention_scale (`float`): softmax scale, kept from the teacher (``1/sqrt(teacher head size)``).
         word_embedding_rank (`int`, *optional*): when set, the word embeddings are a ``(vocab_size, rank)`` table
             followed by a ``(rank -> embedding_size)`` projection (format version >= 2).
-        pooler_size (`int`): output width of the pooler.
+        pooler_size (`int`): output width of the pooler (or of the classification head's dense layer).
+        embedding_norm_size (`int`): the width the embedding LayerNorm normalises over (the teacher's embedding
+            width; ``norm_size`` unless the teacher projects its embeddings, as ELECTRA's ``embeddings_project``,
+            which is folded into that LayerNorm's weight).
+        classifier_head (`str`): the family's sequence-classification head, one of ``CLASSIFIER_HEADS``.
+        position_ids_from_padding (`bool`): RoBERTa's position ids: counted over the non-padding tokens from
+            ``pad_token_id + 1``, padding tokens at ``pad_token_id``.
         rmt_kd_format_version (`int`): version of this checkpoint format.
     """
 
@@ -57,7 +74,12 @@ class RMTBertConfig(BertConfig):
     attention_scale: float | None = None
     word_embedding_rank: int | None = None
     pooler_size: int | None = None
+    embedding_norm_size: int | None = None
+    classifier_head: str = "pooler"
+    position_ids_from_padding: bool = False
     rmt_kd_format_version: int = RMT_BERT_FORMAT_VERSION
+
+    _model_class_prefix = "RMTBert"
 
     def __post_init__(self, **kwargs):
         num_layers = self.num_hidden_layers
@@ -78,8 +100,11 @@ class RMTBertConfig(BertConfig):
             self.attention_scale = head_size**-0.5
         if self.pooler_size is None:
             self.pooler_size = self.norm_size
+        if self.embedding_norm_size is None:
+            self.embedding_norm_size = self.norm_size
         super().__post_init__(**kwargs)
-        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        own_map = auto_map(type(self).__name__, self._model_class_prefix)
+        self.auto_map = {**own_map, **(getattr(self, "auto_map", None) or {})}
         self._check_widths()
 
     def _check_widths(self) -> None:
@@ -88,6 +113,8 @@ class RMTBertConfig(BertConfig):
                 f"This checkpoint uses rmt_bert format version {self.rmt_kd_format_version}, newer than the "
                 f"{RMT_BERT_FORMAT_VERSION} this code reads: upgrade rmt-kd-hf (pip install -U rmt-kd-hf)."
             )
+        if self.classifier_head not in CLASSIFIER_HEADS:
+            raise ValueError(f"classifier_head must be one of {CLASSIFIER_HEADS}, got {self.classifier_head!r}")
         num_layers = self.num_hidden_layers
         expected = {
             "boundary_sizes": 2 * num_layers + 1,
@@ -110,4 +137,51 @@ class RMTBertConfig(BertConfig):
         self.hidden_size = self.boundary_sizes[-1]
 
 
-__all__ = ["AUTO_MAP", "RMTBertConfig", "RMT_BERT_FORMAT_VERSION"]
+class RMTRobertaConfig(RMTBertConfig):
+    """An ``RMTBertConfig`` for a compressed RoBERTa: position ids from the padding, RoBERTa's classification
+    head (``dense → tanh → out_proj``), no token-type distinction (``type_vocab_size=1``)."""
+
+    model_type = "rmt_roberta"
+    classifier_head: str = "dense_tanh"
+    position_ids_from_padding: bool = True
+    _model_class_prefix = "RMTRoberta"
+
+
+class RMTXLMRobertaConfig(RMTRobertaConfig):
+    """An ``RMTRobertaConfig`` for a compressed XLM-RoBERTa (the same layers)."""
+
+    model_type = "rmt_xlm_roberta"
+    _model_class_prefix = "RMTXLMRoberta"
+
+
+class RMTElectraConfig(RMTBertConfig):
+    """An ``RMTBertConfig`` for a compressed ELECTRA discriminator: its ``embeddings_project`` folded into the
+    embedding LayerNorm (``embedding_norm_size`` = the teacher's ``embedding_size``), no pooler, ELECTRA's
+    classification head (``dense → gelu → out_proj``)."""
+
+    model_type = "rmt_electra"
+    classifier_head: str = "dense_gelu"
+    _model_class_prefix = "RMTElectra"
+
+
+class RMTDistilBertConfig(RMTBertConfig):
+    """An ``RMTBertConfig`` for a compressed DistilBERT, in BERT's field names (``dim`` is ``hidden_size``, ``n_layers``
+    ``num_hidden_layers``, ...): no token types (``type_vocab_size=1``, a zero table), no pooler, DistilBERT's
+    classification head (``pre_classifier → ReLU → classifier``)."""
+
+    model_type = "rmt_distilbert"
+    classifier_head: str = "pre_classifier_relu"
+    type_vocab_size: int = 1
+    _model_class_prefix = "RMTDistilBert"
+
+
+__all__ = [
+    "AUTO_MAP",
+    "CLASSIFIER_HEADS",
+    "RMTBertConfig",
+    "RMTDistilBertConfig",
+    "RMTElectraConfig",
+    "RMTRobertaConfig",
+    "RMTXLMRobertaConfig",
+    "RMT_BERT_FORMAT_VERSION",
+]

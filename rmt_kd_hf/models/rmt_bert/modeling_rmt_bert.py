@@ -19,7 +19,13 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from .configuration_rmt_bert import RMTBertConfig
+from .configuration_rmt_bert import (
+    RMTBertConfig,
+    RMTDistilBertConfig,
+    RMTElectraConfig,
+    RMTRobertaConfig,
+    RMTXLMRobertaConfig,
+)
 
 
 class RMTLiftedLayerNorm(nn.Module):
@@ -56,9 +62,12 @@ class RMTLiftedLayerNorm(nn.Module):
         return torch.addcmul(self.bias, mixed, inv_std)
 
 
-def _lifted_norm(config: RMTBertConfig, in_features: int, out_features: int) -> RMTLiftedLayerNorm:
+def _lifted_norm(
+    config: RMTBertConfig, in_features: int, out_features: int, norm_size: int | None = None
+) -> RMTLiftedLayerNorm:
     centred = config.rmt_kd_format_version >= 2
-    return RMTLiftedLayerNorm(in_features, out_features, config.norm_size, config.layer_norm_eps, centred)
+    norm_size = config.norm_size if norm_size is None else norm_size
+    return RMTLiftedLayerNorm(in_features, out_features, norm_size, config.layer_norm_eps, centred)
 
 
 class RMTBertEmbeddings(nn.Module):
@@ -74,9 +83,11 @@ class RMTBertEmbeddings(nn.Module):
         rank = config.word_embedding_rank
         self.word_embeddings = nn.Embedding(config.vocab_size, rank or width, padding_idx=config.pad_token_id)
         self.word_embeddings_projection = nn.Linear(rank, width, bias=False) if rank else None
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        # RoBERTa counts positions from pad_token_id + 1; its padding position is pad_token_id
+        self.padding_idx = config.pad_token_id if config.position_ids_from_padding else None
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width, padding_idx=self.padding_idx)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
-        self.LayerNorm = _lifted_norm(config, width, config.boundary_sizes[0])
+        self.LayerNorm = _lifted_norm(config, width, config.boundary_sizes[0], config.embedding_norm_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.register_buffer(
             "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
@@ -94,13 +105,24 @@ class RMTBertEmbeddings(nn.Module):
         if self.word_embeddings_projection is not None:
             inputs_embeds = self.word_embeddings_projection(inputs_embeds)
         seq_length = inputs_embeds.shape[1]
-        if position_ids is None:
+        if position_ids is None and self.padding_idx is not None:
+            position_ids = self._positions_after_padding(input_ids, seq_length, inputs_embeds.device)
+        elif position_ids is None:
             position_ids = self.position_ids[:, :seq_length]
-        if token_type_ids is None:
+        if token_type_ids is None or self.token_type_embeddings.num_embeddings == 1:
+            # one token type (RoBERTa, DistilBERT): every token has it, whatever ids a BERT tokenizer sent
             token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids)
         embeddings = embeddings + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(embeddings))
+
+    def _positions_after_padding(self, input_ids: torch.Tensor | None, seq_length: int, device) -> torch.Tensor:
+        """(batch, seq) RoBERTa position ids: non-padding tokens count from ``padding_idx + 1``, padding tokens sit
+        at ``padding_idx``; without ``input_ids`` (``inputs_embeds``), every token counts."""
+        if input_ids is None:
+            return torch.arange(seq_length, device=device)[None] + self.padding_idx + 1
+        mask = input_ids.ne(self.padding_idx).int()
+        return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + self.padding_idx
 
 
 class RMTBertSelfAttention(nn.Module):
@@ -351,14 +373,44 @@ def _sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Te
     return BCEWithLogitsLoss()(logits, labels)
 
 
+class RMTClassificationHead(nn.Module):
+    """RoBERTa's and ELECTRA's sequence-classification head: the first token, dropout, ``dense``, tanh (RoBERTa) or
+    gelu (ELECTRA), dropout, ``out_proj``."""
+
+    def __init__(self, config: RMTBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.boundary_sizes[-1], config.pooler_size)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.activation = nn.Tanh() if config.classifier_head == "dense_tanh" else ACT2FN["gelu"]
+        self.out_proj = nn.Linear(config.pooler_size, config.num_labels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, boundary_sizes[-1]) -> (batch, num_labels)."""
+        features = self.activation(self.dense(self.dropout(hidden_states[:, 0])))
+        return self.out_proj(self.dropout(features))
+
+
 class RMTBertForSequenceClassification(RMTBertPreTrainedModel):
+    """The encoder under ``base_model_prefix`` (``bert``, ``roberta``, ``electra``, ``distilbert``) and the family's
+    head (``config.classifier_head``): BERT's pooler and ``classifier``, ``RMTClassificationHead``, or DistilBERT's
+    ``pre_classifier``, ReLU, dropout, ``classifier``."""
+
     def __init__(self, config: RMTBertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = RMTBertModel(config)
+        pooled = config.classifier_head == "pooler"
+        setattr(self, self.base_model_prefix, RMTBertModel(config, add_pooling_layer=pooled))
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.pooler_size, config.num_labels)
+        if pooled:
+            self.dropout = nn.Dropout(dropout)
+            self.classifier = nn.Linear(config.pooler_size, config.num_labels)
+        elif config.classifier_head == "pre_classifier_relu":
+            self.pre_classifier = nn.Linear(config.boundary_sizes[-1], config.pooler_size)
+            self.dropout = nn.Dropout(dropout)
+            self.classifier = nn.Linear(config.pooler_size, config.num_labels)
+        else:
+            self.classifier = RMTClassificationHead(config)
         self.post_init()
 
     def forward(
@@ -375,7 +427,7 @@ class RMTBertForSequenceClassification(RMTBertPreTrainedModel):
         **kwargs,
     ) -> tuple | SequenceClassifierOutput:
         """``logits`` (batch, num_labels); ``loss`` when ``labels`` (batch,) are given."""
-        outputs = self.bert(
+        outputs = self.base_model(
             input_ids,
             attention_mask,
             token_type_ids,
@@ -385,7 +437,13 @@ class RMTBertForSequenceClassification(RMTBertPreTrainedModel):
             output_hidden_states,
             return_dict=True,
         )
-        logits = self.classifier(self.dropout(outputs.pooler_output))
+        if self.config.classifier_head == "pooler":
+            logits = self.classifier(self.dropout(outputs.pooler_output))
+        elif self.config.classifier_head == "pre_classifier_relu":
+            features = nn.functional.relu(self.pre_classifier(outputs.last_hidden_state[:, 0]))
+            logits = self.classifier(self.dropout(features))
+        else:
+            logits = self.classifier(outputs.last_hidden_state)
         loss = _sequence_classification_loss(self.config, logits, labels) if labels is not None else None
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
@@ -397,7 +455,7 @@ class RMTBertForTokenClassification(RMTBertPreTrainedModel):
     def __init__(self, config: RMTBertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = RMTBertModel(config, add_pooling_layer=False)
+        setattr(self, self.base_model_prefix, RMTBertModel(config, add_pooling_layer=False))
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.boundary_sizes[-1], config.num_labels)
@@ -417,7 +475,7 @@ class RMTBertForTokenClassification(RMTBertPreTrainedModel):
         **kwargs,
     ) -> tuple | TokenClassifierOutput:
         """``logits`` (batch, seq, num_labels); ``loss`` when ``labels`` (batch, seq) are given."""
-        outputs = self.bert(
+        outputs = self.base_model(
             input_ids,
             attention_mask,
             token_type_ids,
@@ -441,7 +499,7 @@ class RMTBertForQuestionAnswering(RMTBertPreTrainedModel):
     def __init__(self, config: RMTBertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = RMTBertModel(config, add_pooling_layer=False)
+        setattr(self, self.base_model_prefix, RMTBertModel(config, add_pooling_layer=False))
         self.qa_outputs = nn.Linear(config.boundary_sizes[-1], config.num_labels)
         self.post_init()
 
@@ -460,7 +518,7 @@ class RMTBertForQuestionAnswering(RMTBertPreTrainedModel):
         **kwargs,
     ) -> tuple | QuestionAnsweringModelOutput:
         """``start_logits`` and ``end_logits`` (batch, seq); ``loss`` when both positions (batch,) are given."""
-        outputs = self.bert(
+        outputs = self.base_model(
             input_ids,
             attention_mask,
             token_type_ids,
@@ -489,7 +547,136 @@ class RMTBertForQuestionAnswering(RMTBertPreTrainedModel):
         return self._format_output(output, return_dict)
 
 
+# The other post-LayerNorm families: the same layers under their own prefix, config and Auto registration.
+
+
+class RMTRobertaModel(RMTBertModel):
+    config_class, base_model_prefix = RMTRobertaConfig, "roberta"
+
+
+class RMTRobertaForSequenceClassification(RMTBertForSequenceClassification):
+    config_class, base_model_prefix = RMTRobertaConfig, "roberta"
+
+
+class RMTRobertaForTokenClassification(RMTBertForTokenClassification):
+    config_class, base_model_prefix = RMTRobertaConfig, "roberta"
+
+
+class RMTRobertaForQuestionAnswering(RMTBertForQuestionAnswering):
+    config_class, base_model_prefix = RMTRobertaConfig, "roberta"
+
+
+class RMTXLMRobertaModel(RMTBertModel):
+    config_class, base_model_prefix = RMTXLMRobertaConfig, "roberta"
+
+
+class RMTXLMRobertaForSequenceClassification(RMTBertForSequenceClassification):
+    config_class, base_model_prefix = RMTXLMRobertaConfig, "roberta"
+
+
+class RMTXLMRobertaForTokenClassification(RMTBertForTokenClassification):
+    config_class, base_model_prefix = RMTXLMRobertaConfig, "roberta"
+
+
+class RMTXLMRobertaForQuestionAnswering(RMTBertForQuestionAnswering):
+    config_class, base_model_prefix = RMTXLMRobertaConfig, "roberta"
+
+
+class RMTElectraModel(RMTBertModel):
+    """ELECTRA's encoder has no pooler."""
+
+    config_class, base_model_prefix = RMTElectraConfig, "electra"
+
+    def __init__(self, config: RMTElectraConfig, add_pooling_layer: bool = False):
+        super().__init__(config, add_pooling_layer)
+
+
+class RMTElectraForSequenceClassification(RMTBertForSequenceClassification):
+    config_class, base_model_prefix = RMTElectraConfig, "electra"
+
+
+class RMTElectraForTokenClassification(RMTBertForTokenClassification):
+    config_class, base_model_prefix = RMTElectraConfig, "electra"
+
+
+class RMTElectraForQuestionAnswering(RMTBertForQuestionAnswering):
+    config_class, base_model_prefix = RMTElectraConfig, "electra"
+
+
+class RMTDistilBertModel(RMTBertModel):
+    """DistilBERT's encoder has no pooler (nor token types: a one-row zero table)."""
+
+    config_class, base_model_prefix = RMTDistilBertConfig, "distilbert"
+
+    def __init__(self, config: RMTDistilBertConfig, add_pooling_layer: bool = False):
+        super().__init__(config, add_pooling_layer)
+
+
+class RMTDistilBertForSequenceClassification(RMTBertForSequenceClassification):
+    config_class, base_model_prefix = RMTDistilBertConfig, "distilbert"
+
+
+class RMTDistilBertForTokenClassification(RMTBertForTokenClassification):
+    config_class, base_model_prefix = RMTDistilBertConfig, "distilbert"
+
+
+class RMTDistilBertForQuestionAnswering(RMTBertForQuestionAnswering):
+    config_class, base_model_prefix = RMTDistilBertConfig, "distilbert"
+
+
+FAMILY_CLASSES = {  # model_type -> (base, sequence, token, question answering)
+    "rmt_bert": (
+        RMTBertModel,
+        RMTBertForSequenceClassification,
+        RMTBertForTokenClassification,
+        RMTBertForQuestionAnswering,
+    ),
+    "rmt_roberta": (
+        RMTRobertaModel,
+        RMTRobertaForSequenceClassification,
+        RMTRobertaForTokenClassification,
+        RMTRobertaForQuestionAnswering,
+    ),
+    "rmt_xlm_roberta": (
+        RMTXLMRobertaModel,
+        RMTXLMRobertaForSequenceClassification,
+        RMTXLMRobertaForTokenClassification,
+        RMTXLMRobertaForQuestionAnswering,
+    ),
+    "rmt_electra": (
+        RMTElectraModel,
+        RMTElectraForSequenceClassification,
+        RMTElectraForTokenClassification,
+        RMTElectraForQuestionAnswering,
+    ),
+    "rmt_distilbert": (
+        RMTDistilBertModel,
+        RMTDistilBertForSequenceClassification,
+        RMTDistilBertForTokenClassification,
+        RMTDistilBertForQuestionAnswering,
+    ),
+}
+
+
 __all__ = [
+    "FAMILY_CLASSES",
+    "RMTClassificationHead",
+    "RMTDistilBertForQuestionAnswering",
+    "RMTDistilBertForSequenceClassification",
+    "RMTDistilBertForTokenClassification",
+    "RMTDistilBertModel",
+    "RMTElectraForQuestionAnswering",
+    "RMTElectraForSequenceClassification",
+    "RMTElectraForTokenClassification",
+    "RMTElectraModel",
+    "RMTRobertaForQuestionAnswering",
+    "RMTRobertaForSequenceClassification",
+    "RMTRobertaForTokenClassification",
+    "RMTRobertaModel",
+    "RMTXLMRobertaForQuestionAnswering",
+    "RMTXLMRobertaForSequenceClassification",
+    "RMTXLMRobertaForTokenClassification",
+    "RMTXLMRobertaModel",
     "RMTBertForQuestionAnswering",
     "RMTBertForSequenceClassification",
     "RMTBertForTokenClassification",

@@ -1,0 +1,155 @@
+"""The post-LayerNorm encoder families beside BERT (RoBERTa, XLM-RoBERTa, ELECTRA), each on a tiny random model built
+from transformers' own config class: exact conversion, save/load through the Auto classes and through
+``trust_remote_code`` without the package, and compression end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForSequenceClassification, ElectraTokenizerFast
+
+import rmt_kd_hf
+from rmt_kd_hf import compress_model
+from rmt_kd_hf.surgery import get_surgery
+
+from ..conftest import (
+    FAMILIES,
+    HEADS,
+    TEACHER_PREFIX,
+    TINY_VOCAB,
+    cli_compress,
+    family_teacher,
+    logits_of,
+    make_trainer,
+)
+
+
+def outputs_of(model, batch) -> torch.Tensor:
+    if model.base_model is model and getattr(model, "pooler", None) is None:  # no pooler to read back
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    return logits_of(model, batch)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keeping_every_direction_reproduces_the_teacher(family, head, batches):
+    teacher = family_teacher(family, head)
+    converted = get_surgery(teacher).prepare(teacher)
+    assert type(converted).__name__ == f"RMT{TEACHER_PREFIX[family]}{head}"
+    for batch in batches[:2]:
+        torch.testing.assert_close(outputs_of(converted, batch), outputs_of(teacher, batch), atol=1e-5, rtol=0)
+    if head == "Model" and family in ("electra", "distilbert"):
+        return  # its hidden states come back rotated: no pooler reads them back to compare
+    student, _ = compress_model(teacher, batches, keep_all=True, progress=False)
+    for batch in batches[:3]:
+        torch.testing.assert_close(outputs_of(student, batch), outputs_of(teacher, batch), atol=1e-5, rtol=0)
+
+
+def test_roberta_positions_count_only_the_tokens_that_are_not_padding(batches):
+    teacher = family_teacher("roberta")
+    student = get_surgery(teacher).prepare(teacher)
+    batch = batches[0]
+    padded = batch["attention_mask"].eq(0).any(dim=1)
+    assert padded.any()  # the comparison covers padded rows
+    wrong_positions = torch.arange(batch["input_ids"].shape[1])[None].expand_as(batch["input_ids"])
+    with torch.no_grad():
+        ordinary = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shifted = student(**{k: batch[k] for k in ("input_ids", "attention_mask")}, position_ids=wrong_positions)
+    assert not torch.allclose(ordinary, shifted.logits)  # the padding offset is what makes it exact
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def compressed_family(request, tmp_path_factory):
+    from ..conftest import make_batches
+
+    batches = make_batches()
+    teacher = family_teacher(request.param)
+    student, report = compress_model(teacher, batches, sigma_quantile=0.6, progress=False)
+    directory = tmp_path_factory.mktemp(f"compressed_{request.param}")
+    student.save_pretrained(directory)
+    return request.param, student, report, batches, str(directory)
+
+
+def test_a_compressed_family_model_is_smaller_and_loads_back_identically(compressed_family):
+    family, student, report, batches, directory = compressed_family
+    assert report.num_parameters_after < report.num_parameters_before
+    config = json.loads(open(os.path.join(directory, "config.json")).read())
+    assert config["model_type"] == FAMILIES[family][2]
+    assert config["auto_map"]["AutoModelForSequenceClassification"].startswith("modeling_rmt_bert.RMT")
+    assert AutoConfig.from_pretrained(directory).model_type == FAMILIES[family][2]
+    loaded = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+    assert type(loaded) is type(student)
+    for batch in batches[:2]:
+        torch.testing.assert_close(logits_of(loaded, batch), logits_of(student, batch), atol=0, rtol=0)
+
+
+def test_a_compressed_family_model_loads_with_trust_remote_code_without_the_package(compressed_family, tmp_path):
+    family, student, _, batches, directory = compressed_family
+    batch = {key: batches[0][key] for key in ("input_ids", "attention_mask")}
+    torch.save(batch, tmp_path / "inputs.pt")
+    script = f"""
+import sys
+sys.modules["rmt_kd_hf"] = None  # any import of the package now fails
+import torch
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained({directory!r}, trust_remote_code=True).eval()
+assert model.__class__.__module__.startswith("transformers_modules"), model.__class__.__module__
+assert model.__class__.__name__ == {type(student).__name__!r}, model.__class__.__name__
+with torch.no_grad():
+    torch.save(model(**torch.load({str(tmp_path / "inputs.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
+"""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), logits_of(student, batches[0]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_trainer_compresses_each_family_end_to_end(family, tmp_path):
+    teacher = family_teacher(family, num_labels=2)
+    trainer = make_trainer(tmp_path, model=teacher, stage_max_steps=2, max_metric_drop=1.0, stage_retries=0)
+    model = trainer.compress()
+    history = trainer.compression_history
+    assert history["stages"][0]["status"] == "accepted"
+    assert type(model).__name__ == f"RMT{TEACHER_PREFIX[family]}ForSequenceClassification"
+    assert history["final"]["num_parameters"] < history["teacher"]["num_parameters"]
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert type(loaded) is type(model)
+
+
+def test_the_command_line_compresses_an_electra_classifier(tmp_path):
+    import pandas as pd
+
+    teacher_dir = tmp_path / "teacher"
+    family_teacher("electra", num_labels=2).save_pretrained(teacher_dir)
+    ElectraTokenizerFast(vocab=TINY_VOCAB).save_pretrained(teacher_dir)
+    rows = pd.DataFrame({"sentence": ["w7 w9 w11", "w8 w10", "w7 w12 w13", "w14 w15"] * 8, "label": [1, 0, 1, 0] * 8})
+    paths = {split: tmp_path / f"{split}.csv" for split in ("train", "validation")}
+    for path in paths.values():
+        rows.to_csv(path, index=False)
+    assert cli_compress(teacher_dir, paths, tmp_path / "out", "--do_eval") == 0
+    history = json.loads((tmp_path / "out" / "rmt_kd_history.json").read_text())
+    assert history["vocabulary"]["kept_size"] < history["vocabulary"]["teacher_size"]  # trimmed, projection folded
+    assert AutoConfig.from_pretrained(tmp_path / "out").model_type == "rmt_electra"
+
+
+def test_an_unsupported_architecture_names_the_supported_families():
+    config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match="GPT2Model.*BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT"):
+        get_surgery(transformers.GPT2Model(config))
+    assert rmt_kd_hf.RMTElectraConfig.model_type == "rmt_electra"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_head_attention_and_a_factored_word_table_keep_every_family_exact_at_full_width(family, batches):
+    teacher = family_teacher(family)
+    options = {"reduce_attention_heads": True, "factorize_word_embeddings": True}
+    student, report = compress_model(teacher, batches, keep_all=True, progress=False, surgery_options=options)
+    assert {"attention.0.query_key", "attention.1.value", "word_embeddings"} <= set(report.kept_widths)
+    for batch in batches[:3]:
+        torch.testing.assert_close(logits_of(student, batch), logits_of(teacher, batch), atol=1e-5, rtol=0)
