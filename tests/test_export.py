@@ -238,7 +238,10 @@ def bad_export_cases(root, tmp_path):
     return [
         (dict(model_dir=tmp_path / "missing", output_dir=tmp_path / "o1"), "is not a directory"),
         (dict(model_dir=not_a_model, output_dir=tmp_path / "o2"), "has no config.json"),
-        (dict(model_dir=gpt2, output_dir=tmp_path / "o3"), "supports model types bert, rmt_bert, resnet"),
+        (
+            dict(model_dir=gpt2, output_dir=tmp_path / "o3"),
+            "supports model types bert, rmt_bert, rmt_roberta, .*, resnet, rmt_resnet; this model is .gpt2.",
+        ),
         (dict(model_dir=student, output_dir=occupied), "exists and is not empty"),
         (dict(model_dir=student, output_dir=student, overwrite=True), "the model's own folder"),
         (dict(model_dir=student, output_dir=tmp_path / "o4", quantize="int4"), "quantize must be None or 'int8'"),

@@ -80,7 +80,9 @@ def test_compress_trims_the_vocabulary_and_saves_a_matching_tokenizer(tmp_path, 
         "teacher_size": len(VOCABULARY),
         "kept_size": model.config.vocab_size,
         "eval_accuracy": history["vocabulary"]["eval_accuracy"],  # the trim alone, judged like a stage
+        "paired_standard_error": history["vocabulary"]["paired_standard_error"],  # against the teacher's rows
     }
+    assert history["vocabulary"]["paired_standard_error"] >= 0
     assert len(used) <= model.config.vocab_size < len(VOCABULARY)
 
     reloaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
