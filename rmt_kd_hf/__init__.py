@@ -28,6 +28,8 @@ from .models.rmt_bert import (
     RMTXLMRobertaConfig,
     RMTXLMRobertaForSequenceClassification,
 )
+from .models.rmt_bert.configuration_rmt_modernbert import RMTModernBertConfig
+from .models.rmt_bert.modeling_rmt_modernbert import MODERNBERT_CLASSES, RMTModernBertForSequenceClassification
 from .models.rmt_resnet import RMTResNetConfig, RMTResNetForImageClassification, RMTResNetModel
 from .spectral import (
     CovarianceAccumulator,
@@ -56,7 +58,7 @@ _RESNET_AUTO_CLASSES = {
 
 
 def _register_auto_classes() -> None:
-    for model_classes in FAMILY_CLASSES.values():
+    for model_classes in [*FAMILY_CLASSES.values(), MODERNBERT_CLASSES]:
         config_class = model_classes[0].config_class
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         config_class.register_for_auto_class()
@@ -86,6 +88,8 @@ __all__ = [
     "RMTElectraConfig",
     "RMTElectraForSequenceClassification",
     "RMTKDConfig",
+    "RMTModernBertConfig",
+    "RMTModernBertForSequenceClassification",
     "RMTKDTrainer",
     "RMTResNetConfig",
     "RMTResNetForImageClassification",

@@ -30,8 +30,20 @@ from .reports import median_seconds
 ONNX_EXTRA = "pip install 'rmt-kd-hf[onnx]'"
 DEFAULT_OPSET = 18
 # the model types whose graphs export_onnx has been tested on, by input kind
-TEXT_MODEL_TYPES = ("bert", "rmt_bert", "rmt_roberta", "rmt_xlm_roberta", "rmt_electra", "rmt_distilbert")
-_NO_POOLER_TYPES = ("rmt_electra", "rmt_distilbert")  # their AutoModel returns the last hidden state only
+TEXT_MODEL_TYPES = (
+    "bert",
+    "rmt_bert",
+    "rmt_roberta",
+    "rmt_xlm_roberta",
+    "rmt_electra",
+    "rmt_distilbert",
+    "rmt_modernbert",
+)
+_NO_POOLER_TYPES = (
+    "rmt_electra",
+    "rmt_distilbert",
+    "rmt_modernbert",
+)  # their AutoModel returns the last hidden state only
 IMAGE_MODEL_TYPES = ("resnet", "rmt_resnet")
 # architecture suffix -> (Auto class, ONNX output names)
 _HEADS = {

@@ -127,6 +127,48 @@ def least_squares_compensation(
     return solution[:, :width], solution[:, width]
 
 
+class StateRewriter:
+    """Applies new bases to a state dict in float64: the weights under ``prefix`` (a base model's, e.g. ``"bert."``) are
+    read from ``state`` and the rewritten ones collected in ``self.state``."""
+
+    def __init__(self, state: dict[str, torch.Tensor], prefix: str):
+        self.source = state
+        self.prefix = prefix
+        self.state: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source[self.prefix + name].to(torch.float64)
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.source
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        self.state[self.prefix + name] = value
+
+    def lifted_norm(self, name: str, basis_in: torch.Tensor, basis_out: torch.Tensor, norm_size: int) -> None:
+        weight, mean_direction = self.get(f"{name}.weight"), self.get(f"{name}.mean_direction")
+        if self.prefix + f"{name}.gain_direction" in self.source:  # format 1: fold the centring in
+            weight = weight - torch.outer(self.get(f"{name}.gain_direction"), mean_direction) / norm_size
+        self.set(f"{name}.weight", basis_out @ weight @ basis_in.T)
+        self.set(f"{name}.mean_direction", basis_in @ mean_direction)
+        self.set(f"{name}.bias", basis_out @ self.get(f"{name}.bias"))
+
+    def read(self, name: str, basis_in: torch.Tensor) -> None:
+        """A dense that reads the stream: ``W Q_inᵀ`` (its bias, if any, unchanged)."""
+        self.set(f"{name}.weight", self.get(f"{name}.weight") @ basis_in.T)
+        if self.has(f"{name}.bias"):
+            self.set(f"{name}.bias", self.get(f"{name}.bias"))
+
+    def write(self, name: str, basis_out: torch.Tensor, weight=None, bias=None) -> None:
+        """A dense that writes the stream: ``Q_out W`` (and ``Q_out b``, when it has a bias)."""
+        weight = self.get(f"{name}.weight") if weight is None else weight
+        if bias is None and self.has(f"{name}.bias"):
+            bias = self.get(f"{name}.bias")
+        self.set(f"{name}.weight", basis_out @ weight)
+        if bias is not None:
+            self.set(f"{name}.bias", basis_out @ bias)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
@@ -141,6 +183,7 @@ __all__ = [
     "ArchitectureSurgery",
     "Site",
     "SiteAnalysis",
+    "StateRewriter",
     "count_parameters",
     "count_parameters_for_config",
     "least_squares_compensation",

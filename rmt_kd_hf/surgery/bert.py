@@ -57,7 +57,7 @@ from ..models.rmt_bert import (
 )
 from ..models.rmt_bert.configuration_rmt_bert import RMT_BERT_FORMAT_VERSION
 from ..spectral import CovarianceAccumulator
-from .base import Site, SiteAnalysis, least_squares_compensation, select_neurons
+from .base import Site, SiteAnalysis, StateRewriter, least_squares_compensation, select_neurons
 from .heads import head_blocks, query_key_reduction, value_output_reduction
 
 
@@ -370,42 +370,7 @@ def bert_sites(
     return sites
 
 
-class _Rewriter:
-    """Applies new bases to an ``RMTBert*`` state dict in float64."""
-
-    def __init__(self, state: dict[str, torch.Tensor], prefix: str):
-        self.source = state
-        self.prefix = prefix
-        self.state: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.source[self.prefix + name].to(torch.float64)
-
-    def set(self, name: str, value: torch.Tensor) -> None:
-        self.state[self.prefix + name] = value
-
-    def lifted_norm(self, name: str, basis_in: torch.Tensor, basis_out: torch.Tensor, norm_size: int) -> None:
-        weight, mean_direction = self.get(f"{name}.weight"), self.get(f"{name}.mean_direction")
-        if self.prefix + f"{name}.gain_direction" in self.source:  # format 1: fold the centring in
-            weight = weight - torch.outer(self.get(f"{name}.gain_direction"), mean_direction) / norm_size
-        self.set(f"{name}.weight", basis_out @ weight @ basis_in.T)
-        self.set(f"{name}.mean_direction", basis_in @ mean_direction)
-        self.set(f"{name}.bias", basis_out @ self.get(f"{name}.bias"))
-
-    def read(self, name: str, basis_in: torch.Tensor) -> None:
-        """A dense that reads the stream: ``W Q_inᵀ``."""
-        self.set(f"{name}.weight", self.get(f"{name}.weight") @ basis_in.T)
-        self.set(f"{name}.bias", self.get(f"{name}.bias"))
-
-    def write(self, name: str, basis_out: torch.Tensor, weight=None, bias=None) -> None:
-        """A dense that writes the stream: ``Q_out W``."""
-        weight = self.get(f"{name}.weight") if weight is None else weight
-        bias = self.get(f"{name}.bias") if bias is None else bias
-        self.set(f"{name}.weight", basis_out @ weight)
-        self.set(f"{name}.bias", basis_out @ bias)
-
-
-def _ffn_rewrite(rewriter: _Rewriter, layer: int, analysis: SiteAnalysis, basis_mid: torch.Tensor) -> None:
+def _ffn_rewrite(rewriter: StateRewriter, layer: int, analysis: SiteAnalysis, basis_mid: torch.Tensor) -> None:
     base = f"encoder.layer.{layer}"
     width = analysis.kept_width
     kept = select_neurons(analysis, width)
@@ -522,7 +487,7 @@ def _map_heads(maps: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
 
 
 def _attention_rewrite(
-    rewriter: _Rewriter,
+    rewriter: StateRewriter,
     layer: int,
     analyses: dict[str, SiteAnalysis],
     new_config: RMTBertConfig,
@@ -555,7 +520,7 @@ def _attention_rewrite(
 
 
 def _embedding_rewrite(
-    rewriter: _Rewriter,
+    rewriter: StateRewriter,
     model: RMTBertPreTrainedModel,
     analyses: dict[str, SiteAnalysis],
     embedding_basis: torch.Tensor,
@@ -592,7 +557,7 @@ def apply_bert_bases(
     dtype = next(model.parameters()).dtype
     widths = {name: analysis.kept_width for name, analysis in analyses.items()}
     new_config = compressed_config(model, widths)
-    rewriter = _Rewriter({k: v.detach().cpu() for k, v in model.state_dict().items()}, prefix)
+    rewriter = StateRewriter({k: v.detach().cpu() for k, v in model.state_dict().items()}, prefix)
     bases = [torch.from_numpy(analyses[f"boundary.{b}"].basis()) for b in range(2 * num_layers + 1)]
     embedding_basis = torch.from_numpy(analyses["embeddings"].basis())
 

@@ -276,20 +276,24 @@ class RMTBertPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, RMTLiftedLayerNorm):
-            # Identity bases: a plain LayerNorm (γ = 1, β = 0) on the first coordinates.
-            weight = torch.eye(*module.weight.shape)
-            if module.centred:
-                weight -= 1.0 / module.norm_size
-            else:
-                _fill_unless_loaded(module.gain_direction, torch.ones(module.gain_direction.shape))
-            _fill_unless_loaded(module.weight, weight)
-            _fill_unless_loaded(module.bias, torch.zeros(module.bias.shape))
-            _fill_unless_loaded(module.mean_direction, torch.ones(module.mean_direction.shape))
+            init_lifted_norm(module)
             return
         super()._init_weights(module)
         if isinstance(module, RMTBertEmbeddings):
             positions = torch.arange(module.position_ids.shape[-1]).expand((1, -1))
             _fill_unless_loaded(module.position_ids, positions)
+
+
+def init_lifted_norm(module: RMTLiftedLayerNorm) -> None:
+    """Identity bases: a plain LayerNorm (γ = 1, β = 0) on the first coordinates (weights not loaded only)."""
+    weight = torch.eye(*module.weight.shape)
+    if module.centred:
+        weight -= 1.0 / module.norm_size
+    else:
+        _fill_unless_loaded(module.gain_direction, torch.ones(module.gain_direction.shape))
+    _fill_unless_loaded(module.weight, weight)
+    _fill_unless_loaded(module.bias, torch.zeros(module.bias.shape))
+    _fill_unless_loaded(module.mean_direction, torch.ones(module.mean_direction.shape))
 
 
 def _fill_unless_loaded(tensor: torch.Tensor, value: torch.Tensor) -> None:
