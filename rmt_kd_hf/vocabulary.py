@@ -237,6 +237,8 @@ def training_vocabulary(
     columns = getattr(train_dataset, "column_names", None) or []
     if not has_encoder_vocabulary or model.get_output_embeddings() is not None:
         raise ValueError(f"{type(model).__name__} has no BERT encoder vocabulary to trim")
+    if getattr(model.config, "position_ids_from_padding", False):
+        raise ValueError(f"{type(model).__name__} counts its positions from the padding id, which trimming would move")
     if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
         raise ValueError("the trainer has no fast tokenizer as processing_class to trim and save with the model")
     if "input_ids" not in columns:
