@@ -88,3 +88,22 @@ def test_the_saved_tokenizer_loads_without_a_prompt(finished_cli_run, where):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[y/N]" not in result.stdout + result.stderr
     assert int(result.stdout.split()[-1]) == json.loads((output_dir / "config.json").read_text())["vocab_size"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "steps", "fraction"),
+    [(600, 225, 1.0), (2_000, 300, 0.4), (9_000, 300, 0.1), (40, 30, 1.0)],
+)
+def test_the_command_lines_small_data_defaults_follow_the_training_rows(rows, steps, fraction, tmp_path):
+    from rmt_kd_hf import RMTKDConfig
+    from rmt_kd_hf.text_classification import apply_command_line_defaults
+
+    args = RMTKDConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, use_cpu=True, report_to="none")
+    apply_command_line_defaults(args, ["--train_file=x.csv"], rows)
+    assert (args.target_metric_drop, args.stage_max_steps) == (0.01, steps)
+    assert args.calibration_fraction == pytest.approx(fraction)
+    given = RMTKDConfig(output_dir=str(tmp_path), calibration_fraction=0.2, stage_max_steps=7, max_metric_drop=0.02)
+    apply_command_line_defaults(
+        given, ["--calibration_fraction=0.2", "--stage_max_steps=7", "--max_metric_drop=0.02"], rows
+    )
+    assert (given.calibration_fraction, given.stage_max_steps, given.target_metric_drop) == (0.2, 7, None)
