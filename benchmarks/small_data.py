@@ -127,7 +127,7 @@ def write_tables(results: dict) -> None:
         "",
         "Each run: `rmt-kd compress` with only the data files and the output folder (its defaults: teacher "
         "fine-tuned with early stopping, `target_metric_drop=0.01`, `stage_retries=3`, screening), on a seeded "
-        "subset of the movie-review training split; validation (1,435 rows) and test (1,436 rows) whole. "
+        "subset of the movie-review training split; validation (1,913 rows) and test (1,913 rows) whole. "
         "Command: `python benchmarks/small_data.py --work_dir outputs/small_data`; each run's own command is in "
         "`small_data.json`.",
         "",

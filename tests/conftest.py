@@ -12,19 +12,18 @@ from transformers import BertConfig, BertForSequenceClassification, default_data
 import rmt_kd_hf  # noqa: F401  (registers the Auto classes)
 from rmt_kd_hf import RMTKDConfig, RMTKDTrainer
 
+TINY_SIZES = dict(
+    vocab_size=120,
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=96,
+    max_position_embeddings=40,
+)
+
 
 def tiny_bert_config(**overrides) -> BertConfig:
-    fields = dict(
-        vocab_size=120,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        max_position_embeddings=40,
-        num_labels=3,
-    )
-    fields.update(overrides)
-    return BertConfig(**fields)
+    return BertConfig(**{**TINY_SIZES, "num_labels": 3, **overrides})
 
 
 def make_batches(num_batches: int = 6, batch_size: int = 8, seq_length: int = 16, vocab_size: int = 120, seed: int = 0):
@@ -137,6 +136,27 @@ def save_tiny_teacher(folder, num_labels: int = 2, tokenizer: bool = True, **con
     return folder
 
 
+def save_cli_teacher(model, folder):
+    """``model`` saved in ``folder`` with the tiny word-level tokenizer (any family: its ids are those of the tiny
+    vocabulary), as ``rmt-kd compress --model_name_or_path`` reads it."""
+    from transformers import BertTokenizerFast
+
+    model.save_pretrained(folder)
+    BertTokenizerFast(vocab=TINY_VOCAB).save_pretrained(folder)
+    return folder
+
+
+def tiny_csv_files(folder) -> dict:
+    """``{"train": path, "validation": path}``: 32 rows of two easy classes in the tiny vocabulary."""
+    import pandas as pd
+
+    rows = pd.DataFrame({"sentence": ["w7 w9 w11", "w8 w10", "w7 w12 w13", "w14 w15"] * 8, "label": [1, 0, 1, 0] * 8})
+    paths = {split: folder / f"{split}.csv" for split in ("train", "validation")}
+    for path in paths.values():
+        rows.to_csv(path, index=False)
+    return paths
+
+
 def cli_compress(teacher, paths: dict, output_dir, *options: str) -> int:
     """``rmt-kd compress`` on ``{split: data file}`` with one quick stage; returns the exit status."""
     from rmt_kd_hf.cli import main
@@ -150,15 +170,7 @@ def cli_compress(teacher, paths: dict, output_dir, *options: str) -> int:
 
 
 # The encoder families beside BERT, as tiny random models built from transformers' own config classes.
-COMMON = dict(
-    vocab_size=120,
-    hidden_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=96,
-    max_position_embeddings=40,
-    pad_token_id=0,  # the test batches pad with 0: RoBERTa's positions then skip the padding
-)
+COMMON = {**TINY_SIZES, "pad_token_id": 0}  # the test batches pad with 0: RoBERTa's positions then skip the padding
 FAMILIES = {  # family: (config class, extra config fields, its model_type when compressed)
     "roberta": (transformers.RobertaConfig, {"type_vocab_size": 1}, "rmt_roberta"),
     "xlm_roberta": (transformers.XLMRobertaConfig, {"type_vocab_size": 1}, "rmt_xlm_roberta"),

@@ -127,6 +127,19 @@ def least_squares_compensation(
     return solution[:, :width], solution[:, width]
 
 
+def neuron_reduction(analysis: SiteAnalysis) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``analysis.kept_width`` neurons to keep (``select_neurons``; recorded in ``extra["kept_neurons"]``) and
+    the float64 least-squares map ``C`` (dim, width) and intercept ``c0`` (dim,) that rebuild all of them from the
+    kept ones (``least_squares_compensation``), for the dense that reads them (``write_reconstructed``)."""
+    site = analysis.site
+    kept = select_neurons(analysis, analysis.kept_width)
+    mixing, intercept = least_squares_compensation(
+        site.covariance.numpy(), site.mean.numpy(), kept, ridge=analysis.extra.get("ridge", 1e-8)
+    )
+    analysis.extra["kept_neurons"] = kept.tolist()
+    return torch.from_numpy(kept), torch.from_numpy(mixing), torch.from_numpy(intercept)
+
+
 class StateRewriter:
     """Applies new bases to a state dict in float64: the weights under ``prefix`` (a base model's, e.g. ``"bert."``) are
     read from ``state`` and the rewritten ones collected in ``self.state``."""
@@ -168,6 +181,14 @@ class StateRewriter:
         if bias is not None:
             self.set(f"{name}.bias", basis_out @ bias)
 
+    def write_reconstructed(
+        self, name: str, basis_out: torch.Tensor, mixing: torch.Tensor, intercept: torch.Tensor
+    ) -> None:
+        """A dense that reads kept neurons and writes the stream: ``Q_out W C`` and ``Q_out (b + W c0)``
+        (``neuron_reduction``'s map); its bias must exist."""
+        weight = self.get(f"{name}.weight")
+        self.write(name, basis_out, weight=weight @ mixing, bias=self.get(f"{name}.bias") + weight @ intercept)
+
 
 def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
@@ -187,5 +208,6 @@ __all__ = [
     "count_parameters",
     "count_parameters_for_config",
     "least_squares_compensation",
+    "neuron_reduction",
     "select_neurons",
 ]

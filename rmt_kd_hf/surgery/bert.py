@@ -57,7 +57,7 @@ from ..models.rmt_bert import (
 )
 from ..models.rmt_bert.configuration_rmt_bert import RMT_BERT_FORMAT_VERSION
 from ..spectral import CovarianceAccumulator
-from .base import Site, SiteAnalysis, StateRewriter, least_squares_compensation, select_neurons
+from .base import Site, SiteAnalysis, StateRewriter, neuron_reduction
 from .heads import head_blocks, query_key_reduction, value_output_reduction
 
 
@@ -372,27 +372,13 @@ def bert_sites(
 
 def _ffn_rewrite(rewriter: StateRewriter, layer: int, analysis: SiteAnalysis, basis_mid: torch.Tensor) -> None:
     base = f"encoder.layer.{layer}"
-    width = analysis.kept_width
-    kept = select_neurons(analysis, width)
-    site = analysis.site
-    mixing, intercept = least_squares_compensation(
-        site.covariance.numpy(), site.mean.numpy(), kept, ridge=analysis.extra.get("ridge", 1e-8)
-    )
-    mixing, intercept = torch.from_numpy(mixing), torch.from_numpy(intercept)
-    kept_index = torch.from_numpy(kept)
+    kept_index, mixing, intercept = neuron_reduction(analysis)
     rewriter.set(
         f"{base}.intermediate.dense.weight",
         rewriter.get(f"{base}.intermediate.dense.weight")[kept_index] @ basis_mid.T,
     )
     rewriter.set(f"{base}.intermediate.dense.bias", rewriter.get(f"{base}.intermediate.dense.bias")[kept_index])
-    output_weight = rewriter.get(f"{base}.output.dense.weight")
-    rewriter.write(
-        f"{base}.output.dense",
-        basis_mid,
-        weight=output_weight @ mixing,
-        bias=rewriter.get(f"{base}.output.dense.bias") + output_weight @ intercept,
-    )
-    analysis.extra["kept_neurons"] = kept.tolist()
+    rewriter.write_reconstructed(f"{base}.output.dense", basis_mid, mixing, intercept)
 
 
 # Per-head sizes are rounded to the nearest multiple of this (at least one multiple, capped at the current size):

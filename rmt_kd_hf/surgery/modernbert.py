@@ -33,7 +33,7 @@ from ..calibration import ActivationTap
 from ..models.rmt_bert.configuration_rmt_modernbert import RMT_MODERNBERT_FORMAT_VERSION, RMTModernBertConfig
 from ..models.rmt_bert.modeling_rmt_modernbert import MODERNBERT_CLASSES
 from ..spectral import CovarianceAccumulator
-from .base import Site, SiteAnalysis, StateRewriter, least_squares_compensation, select_neurons
+from .base import Site, SiteAnalysis, StateRewriter, neuron_reduction
 
 TEACHER_TO_RMT = dict(
     zip(
@@ -152,23 +152,12 @@ def compressed_modernbert_config(model: nn.Module, widths: dict[str, int], width
 def _ffn_rewrite(rewriter: StateRewriter, layer: int, analysis: SiteAnalysis, stream_basis: torch.Tensor) -> None:
     """Keep ``analysis.kept_width`` GeGLU neurons (both halves of ``Wi``); ``mlp.Wo`` reconstructs the others."""
     base = f"layers.{layer}.mlp"
-    site = analysis.site
-    kept = select_neurons(analysis, analysis.kept_width)
-    mixing, intercept = least_squares_compensation(site.covariance.numpy(), site.mean.numpy(), kept)
-    mixing, intercept = torch.from_numpy(mixing), torch.from_numpy(intercept)
-    kept_index = torch.from_numpy(kept)
-    rows = torch.cat([kept_index, kept_index + site.dim])  # the input half, then the gate half
+    kept_index, mixing, intercept = neuron_reduction(analysis)
+    rows = torch.cat([kept_index, kept_index + analysis.site.dim])  # the input half, then the gate half
     rewriter.set(f"{base}.Wi.weight", rewriter.get(f"{base}.Wi.weight")[rows])
     if rewriter.has(f"{base}.Wi.bias"):
         rewriter.set(f"{base}.Wi.bias", rewriter.get(f"{base}.Wi.bias")[rows])
-    output_weight = rewriter.get(f"{base}.Wo.weight")
-    rewriter.write(
-        f"{base}.Wo",
-        stream_basis,
-        weight=output_weight @ mixing,
-        bias=rewriter.get(f"{base}.Wo.bias") + output_weight @ intercept,
-    )
-    analysis.extra["kept_neurons"] = kept.tolist()
+    rewriter.write_reconstructed(f"{base}.Wo", stream_basis, mixing, intercept)
 
 
 def apply_modernbert_bases(model: nn.Module, analyses: dict[str, SiteAnalysis], width_multiple: int = 1) -> nn.Module:

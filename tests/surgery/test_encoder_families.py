@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import rmt_kd_hf
 from rmt_kd_hf import compress_model
@@ -20,11 +20,12 @@ from ..conftest import (
     FAMILIES,
     HEADS,
     TEACHER_PREFIX,
-    TINY_VOCAB,
     cli_compress,
     family_teacher,
     logits_of,
     make_trainer,
+    save_cli_teacher,
+    tiny_csv_files,
 )
 
 
@@ -124,17 +125,9 @@ def test_the_trainer_compresses_each_family_end_to_end(family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_command_line_compresses_each_family(family, tmp_path):
-    import pandas as pd
-
-    teacher_dir = tmp_path / "teacher"
-    family_teacher(family, num_labels=2).save_pretrained(teacher_dir)
-    BertTokenizerFast(vocab=TINY_VOCAB).save_pretrained(teacher_dir)  # any fast tokenizer: the model's ids are 0-119
-    rows = pd.DataFrame({"sentence": ["w7 w9 w11", "w8 w10", "w7 w12 w13", "w14 w15"] * 8, "label": [1, 0, 1, 0] * 8})
-    paths = {split: tmp_path / f"{split}.csv" for split in ("train", "validation")}
-    for path in paths.values():
-        rows.to_csv(path, index=False)
+    teacher = save_cli_teacher(family_teacher(family, num_labels=2), tmp_path / "teacher")
     # tiny random models can have a pure-noise boundary (k = 0, refused): keep at least 4 directions
-    assert cli_compress(teacher_dir, paths, tmp_path / "out", "--do_eval", "--min_width=4") == 0
+    assert cli_compress(teacher, tiny_csv_files(tmp_path), tmp_path / "out", "--do_eval", "--min_width=4") == 0
     history = json.loads((tmp_path / "out" / "rmt_kd_history.json").read_text())
     assert AutoConfig.from_pretrained(tmp_path / "out").model_type == FAMILIES[family][2]
     assert history["final"]["num_parameters"] < history["teacher"]["num_parameters"]

@@ -2,6 +2,7 @@
 transformers' ``ModernBertConfig``: exact conversion, compression, re-compression, save/load, ``trust_remote_code``
 without the package, ONNX, and the trainer end to end."""
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from rmt_kd_hf.checkpoint import save_compressed
 from rmt_kd_hf.export import export_onnx, ort_feed, ort_session
 from rmt_kd_hf.surgery import ModernBertSurgery, get_surgery
 
-from ..conftest import logits_of, make_batches, make_trainer
+from ..conftest import cli_compress, logits_of, make_batches, make_trainer, save_cli_teacher, tiny_csv_files
 
 HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "Model")
 
@@ -141,21 +142,8 @@ def test_options_of_the_bert_style_surgery_are_refused_for_modernbert():
 
 
 def test_the_command_line_compresses_a_modernbert_classifier(tmp_path):
-    import json
-
-    import pandas as pd
-    from transformers import BertTokenizerFast
-
-    from ..conftest import TINY_VOCAB, cli_compress
-
-    teacher_dir = tmp_path / "teacher"
-    modernbert_teacher(num_labels=2).save_pretrained(teacher_dir)
-    BertTokenizerFast(vocab=TINY_VOCAB).save_pretrained(teacher_dir)  # any fast tokenizer: the model's ids are 0-119
-    rows = pd.DataFrame({"sentence": ["w7 w9 w11", "w8 w10", "w7 w12 w13", "w14 w15"] * 8, "label": [1, 0, 1, 0] * 8})
-    paths = {split: tmp_path / f"{split}.csv" for split in ("train", "validation")}
-    for path in paths.values():
-        rows.to_csv(path, index=False)
-    assert cli_compress(teacher_dir, paths, tmp_path / "out", "--do_eval", "--min_width=4") == 0
+    teacher = save_cli_teacher(modernbert_teacher(num_labels=2), tmp_path / "teacher")
+    assert cli_compress(teacher, tiny_csv_files(tmp_path), tmp_path / "out", "--do_eval", "--min_width=4") == 0
     history = json.loads((tmp_path / "out" / "rmt_kd_history.json").read_text())
     assert AutoConfig.from_pretrained(tmp_path / "out").model_type == "rmt_modernbert"
     assert history["final"]["num_parameters"] < history["teacher"]["num_parameters"]
