@@ -136,6 +136,30 @@ def save_tiny_teacher(folder, num_labels: int = 2, tokenizer: bool = True, **con
     return folder
 
 
+def logits_without_the_package(directory, batch: dict, tmp_path, class_name: str) -> torch.Tensor:
+    """Sequence-classification logits of the saved ``directory`` on ``batch``, loaded in a subprocess where
+    ``rmt_kd_hf`` cannot be imported (``trust_remote_code=True``, the folder's own files); checks the class name."""
+    import subprocess
+    import sys
+
+    torch.save({key: batch[key] for key in ("input_ids", "attention_mask")}, tmp_path / "inputs.pt")
+    script = f"""
+import sys
+sys.modules["rmt_kd_hf"] = None  # any import of the package now fails
+import torch
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained({str(directory)!r}, trust_remote_code=True).eval()
+assert model.__class__.__module__.startswith("transformers_modules"), model.__class__.__module__
+assert model.__class__.__name__ == {class_name!r}, model.__class__.__name__
+with torch.no_grad():
+    torch.save(model(**torch.load({str(tmp_path / "inputs.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
+"""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / "logits.pt")
+
+
 def save_cli_teacher(model, folder):
     """``model`` saved in ``folder`` with the tiny word-level tokenizer (any family: its ids are those of the tiny
     vocabulary), as ``rmt-kd compress --model_name_or_path`` reads it."""

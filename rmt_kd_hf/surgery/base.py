@@ -127,6 +127,19 @@ def least_squares_compensation(
     return solution[:, :width], solution[:, width]
 
 
+def trace_normalised(covariance: torch.Tensor) -> torch.Tensor:
+    return covariance / covariance.trace().clamp_min(1e-300)
+
+
+def embedding_site(pre_norm: CovarianceAccumulator, table: torch.Tensor) -> Site:
+    """The ``"embeddings"`` site of a text encoder: the embedding LayerNorm's input over the calibration tokens plus
+    the (vocab, width) float64 token ``table``'s rows (tokens the calibration set never shows still count), each
+    normalised by its trace."""
+    table_covariance = table.T @ table / table.shape[0]
+    covariance = trace_normalised(pre_norm.covariance()) + trace_normalised(table_covariance)
+    return Site("embeddings", "embedding", covariance, pre_norm.num_samples + table.shape[0])
+
+
 def neuron_reduction(analysis: SiteAnalysis) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``analysis.kept_width`` neurons to keep (``select_neurons``; recorded in ``extra["kept_neurons"]``) and
     the float64 least-squares map ``C`` (dim, width) and intercept ``c0`` (dim,) that rebuild all of them from the
@@ -207,7 +220,9 @@ __all__ = [
     "StateRewriter",
     "count_parameters",
     "count_parameters_for_config",
+    "embedding_site",
     "least_squares_compensation",
     "neuron_reduction",
     "select_neurons",
+    "trace_normalised",
 ]

@@ -57,7 +57,7 @@ from ..models.rmt_bert import (
 )
 from ..models.rmt_bert.configuration_rmt_bert import RMT_BERT_FORMAT_VERSION
 from ..spectral import CovarianceAccumulator
-from .base import Site, SiteAnalysis, StateRewriter, neuron_reduction
+from .base import Site, SiteAnalysis, StateRewriter, embedding_site, neuron_reduction, trace_normalised
 from .heads import head_blocks, query_key_reduction, value_output_reduction
 
 
@@ -290,10 +290,6 @@ def bert_taps(model: RMTBertPreTrainedModel, attention: bool = False) -> list[Ac
     return taps
 
 
-def _trace_normalised(covariance: torch.Tensor) -> torch.Tensor:
-    return covariance / covariance.trace().clamp_min(1e-300)
-
-
 def _word_embedding_table(model: RMTBertPreTrainedModel) -> torch.Tensor:
     """(vocab, embedding_size) float64 word rows as the model uses them (the product when factored)."""
     embeddings = _encoder(model).embeddings
@@ -342,25 +338,17 @@ def bert_sites(
 ) -> list[Site]:
     """Embedding, residual-boundary, FFN and (optionally) attention-head and word-embedding-rank sites."""
     num_layers = model.config.num_hidden_layers
-    pre_norm = accumulators["embeddings.pre_norm"]
     vocabulary = _word_embedding_table(model)
-    vocabulary_covariance = vocabulary.T @ vocabulary / vocabulary.shape[0]
-    sites = [
-        Site(
-            "embeddings",
-            "embedding",
-            _trace_normalised(pre_norm.covariance()) + _trace_normalised(vocabulary_covariance),
-            pre_norm.num_samples + vocabulary.shape[0],
-        )
-    ]
+    sites = [embedding_site(accumulators["embeddings.pre_norm"], vocabulary)]
     if factorize_word_embeddings:
+        vocabulary_covariance = vocabulary.T @ vocabulary / vocabulary.shape[0]
         sites.append(Site("word_embeddings", "rank", vocabulary_covariance, vocabulary.shape[0]))
     for boundary in range(2 * num_layers + 1):
         norm_output = accumulators[f"boundary.{boundary}.norm_output"]
-        covariance = _trace_normalised(norm_output.covariance())
+        covariance = trace_normalised(norm_output.covariance())
         residual_sum = accumulators.get(f"boundary.{boundary}.residual_sum")
         if residual_sum is not None:  # the residual stream also carries the next LayerNorm's input
-            covariance = covariance + _trace_normalised(residual_sum.covariance())
+            covariance = covariance + trace_normalised(residual_sum.covariance())
         sites.append(Site(f"boundary.{boundary}", "residual", covariance, norm_output.num_samples))
     for layer in range(num_layers):
         ffn = accumulators[f"ffn.{layer}"]

@@ -33,7 +33,7 @@ from ..calibration import ActivationTap
 from ..models.rmt_bert.configuration_rmt_modernbert import RMT_MODERNBERT_FORMAT_VERSION, RMTModernBertConfig
 from ..models.rmt_bert.modeling_rmt_modernbert import MODERNBERT_CLASSES
 from ..spectral import CovarianceAccumulator
-from .base import Site, SiteAnalysis, StateRewriter, neuron_reduction
+from .base import Site, SiteAnalysis, StateRewriter, embedding_site, neuron_reduction, trace_normalised
 
 TEACHER_TO_RMT = dict(
     zip(
@@ -98,10 +98,6 @@ def modernbert_taps(model: nn.Module) -> list[ActivationTap]:
     return taps
 
 
-def _trace_normalised(covariance: torch.Tensor) -> torch.Tensor:
-    return covariance / covariance.trace().clamp_min(1e-300)
-
-
 def _token_table(model: nn.Module) -> torch.Tensor:
     """(vocab, embedding_size) float64 token rows."""
     return model.get_input_embeddings().weight.detach().to(torch.float64).cpu()
@@ -110,18 +106,10 @@ def _token_table(model: nn.Module) -> torch.Tensor:
 def modernbert_sites(model: nn.Module, accumulators: dict[str, CovarianceAccumulator]) -> list[Site]:
     """The embedding site, the one residual-stream site and one neuron site per GeGLU."""
     num_layers = model.config.num_hidden_layers
-    pre_norm = accumulators["embeddings.pre_norm"]
-    table = _token_table(model)
-    table_covariance = table.T @ table / table.shape[0]
     streams = [accumulators[f"residual.{layer}"] for layer in range(num_layers)] + [accumulators["residual.final"]]
-    stream_covariance = sum(_trace_normalised(stream.covariance()) for stream in streams)
+    stream_covariance = sum(trace_normalised(stream.covariance()) for stream in streams)
     sites = [
-        Site(
-            "embeddings",
-            "embedding",
-            _trace_normalised(pre_norm.covariance()) + _trace_normalised(table_covariance),
-            pre_norm.num_samples + table.shape[0],
-        ),
+        embedding_site(accumulators["embeddings.pre_norm"], _token_table(model)),
         Site("residual", "residual", stream_covariance, streams[0].num_samples),
     ]
     for layer in range(num_layers):
