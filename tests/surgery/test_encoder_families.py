@@ -136,3 +136,11 @@ def test_per_head_attention_and_a_factored_word_table_keep_every_family_exact_at
     assert {"attention.0.query_key", "attention.1.value", "word_embeddings"} <= set(report.kept_widths)
     for batch in batches[:3]:
         torch.testing.assert_close(logits_of(student, batch), logits_of(teacher, batch), atol=1e-5, rtol=0)
+
+
+def test_deberta_is_refused_with_the_list_of_supported_families():
+    config = transformers.DebertaV2Config(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    with pytest.raises(ValueError, match="no surgery for DebertaV2ForSequenceClassification. Supported: the encoders"):
+        get_surgery(transformers.DebertaV2ForSequenceClassification(config))
