@@ -39,11 +39,8 @@ TEXT_MODEL_TYPES = (
     "rmt_distilbert",
     "rmt_modernbert",
 )
-_NO_POOLER_TYPES = (
-    "rmt_electra",
-    "rmt_distilbert",
-    "rmt_modernbert",
-)  # their AutoModel returns the last hidden state only
+# their AutoModel returns the last hidden state only
+_NO_POOLER_TYPES = ("rmt_electra", "rmt_distilbert", "rmt_modernbert")
 IMAGE_MODEL_TYPES = ("resnet", "rmt_resnet")
 # architecture suffix -> (Auto class, ONNX output names)
 _HEADS = {

@@ -102,6 +102,11 @@ class CutOutcome:
             "seconds": data.get("seconds"),
         }
 
+    @classmethod
+    def _known(cls, metric_name: str) -> set[str]:
+        """The keys ``_fields_from_dict`` reads."""
+        return cls._KNOWN | {f"eval_{metric_name}", f"screened_eval_{metric_name}"}
+
     _KNOWN = {
         "status",
         "num_parameters",
@@ -131,7 +136,7 @@ class StageTry(CutOutcome):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], metric_name: str) -> StageTry:
-        known = cls._KNOWN | {"sigma_quantile", f"eval_{metric_name}", f"screened_eval_{metric_name}"}
+        known = cls._known(metric_name) | {"sigma_quantile"}
         return cls(
             sigma_quantile=data["sigma_quantile"],
             **cls._fields_from_dict(data, metric_name),
@@ -206,8 +211,7 @@ class StageRecord(CutOutcome):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], metric_name: str) -> StageRecord:
-        known = cls._KNOWN | {"stage", "sigma_quantile", "sites", "tries", f"eval_{metric_name}"}
-        known.add(f"screened_eval_{metric_name}")
+        known = cls._known(metric_name) | {"stage", "sigma_quantile", "sites", "tries"}
         return cls(
             stage=data["stage"],
             sigma_quantile=data["sigma_quantile"],

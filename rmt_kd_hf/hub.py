@@ -156,12 +156,7 @@ def _stage_views(history: RunHistory) -> list[dict]:
                 "sites": sites,
                 "metric_change": _metric_change(stage, history),
                 "tries": [
-                    {
-                        "sigma_quantile": _number(entry.sigma_quantile),
-                        "result": _status(entry)
-                        + (f", {entry.num_parameters:,} parameters" if entry.num_parameters is not None else "")
-                        + (f", {_metric_change(entry, history)}" if _metric_change(entry, history) else ""),
-                    }
+                    {"sigma_quantile": _number(entry.sigma_quantile), "result": _try_result(entry, history)}
                     for entry in stage.tries
                 ],
             }
@@ -180,6 +175,17 @@ def _has_paired_errors(history: RunHistory) -> bool:
     return any(
         outcome.paired_standard_error is not None for stage in history.stages for outcome in (stage, *stage.tries)
     )
+
+
+def _try_result(entry: CutOutcome, history: RunHistory) -> str:
+    """A try's verdict, size and change against the teacher, as the card lists them."""
+    parts = [_status(entry)]
+    if entry.num_parameters is not None:
+        parts.append(f"{entry.num_parameters:,} parameters")
+    change = _metric_change(entry, history)
+    if change:
+        parts.append(change)
+    return ", ".join(parts)
 
 
 def _metric_change(outcome: CutOutcome, history: RunHistory) -> str:

@@ -77,7 +77,6 @@ def hidden_state_similarity(
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def text_classification_correct(
     model: nn.Module,
     tokenizer,

@@ -127,6 +127,16 @@ def least_squares_compensation(
     return solution[:, :width], solution[:, width]
 
 
+def random_token_inputs(config, batch_size: int, length: int) -> dict[str, torch.Tensor]:
+    """Seeded random token ids (batch_size, length) from 1 to ``config.vocab_size`` with no padding token among them,
+    and an all-ones mask: timing inputs for a text encoder."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1, config.vocab_size, (batch_size, length), generator=generator)
+    if config.pad_token_id is not None:  # no padding inside the timed rows
+        input_ids[input_ids == config.pad_token_id] = (config.pad_token_id + 1) % config.vocab_size
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
 def trace_normalised(covariance: torch.Tensor) -> torch.Tensor:
     return covariance / covariance.trace().clamp_min(1e-300)
 
@@ -223,6 +233,7 @@ __all__ = [
     "embedding_site",
     "least_squares_compensation",
     "neuron_reduction",
+    "random_token_inputs",
     "select_neurons",
     "trace_normalised",
 ]

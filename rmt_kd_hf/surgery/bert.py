@@ -57,7 +57,15 @@ from ..models.rmt_bert import (
 )
 from ..models.rmt_bert.configuration_rmt_bert import RMT_BERT_FORMAT_VERSION
 from ..spectral import CovarianceAccumulator
-from .base import Site, SiteAnalysis, StateRewriter, embedding_site, neuron_reduction, trace_normalised
+from .base import (
+    Site,
+    SiteAnalysis,
+    StateRewriter,
+    embedding_site,
+    neuron_reduction,
+    random_token_inputs,
+    trace_normalised,
+)
 from .heads import head_blocks, query_key_reduction, value_output_reduction
 
 
@@ -70,8 +78,6 @@ class EncoderFamily:
         name: the teacher's ``model_type``.
         teacher_classes: base model, sequence-, token-classification and question-answering classes.
         rmt_model_type: the ``model_type`` of its compressed form (a key of ``FAMILY_CLASSES``).
-        projected_embeddings: the teacher may project its embeddings (ELECTRA's ``embeddings_project``, when
-            ``embedding_size != hidden_size``); the projection is folded into the embedding LayerNorm.
         positions_after_padding: position ids count from ``pad_token_id + 1`` (RoBERTa), so sequences are
             ``pad_token_id + 1`` shorter than ``max_position_embeddings``.
         module_names: ``(teacher's, BERT's)`` pieces of weight names, replaced in that order (DistilBERT's
@@ -84,7 +90,6 @@ class EncoderFamily:
     name: str
     teacher_classes: tuple[type, type, type, type]
     rmt_model_type: str
-    projected_embeddings: bool = False
     positions_after_padding: bool = False
     module_names: tuple[tuple[str, str], ...] = ()
     config_names: tuple[tuple[str, str], ...] = ()
@@ -141,7 +146,6 @@ ENCODER_FAMILIES = (
         "electra",
         (ElectraModel, ElectraForSequenceClassification, ElectraForTokenClassification, ElectraForQuestionAnswering),
         "rmt_electra",
-        projected_embeddings=True,
     ),
     EncoderFamily(
         "distilbert",
@@ -228,12 +232,12 @@ def convert_bert_to_rmt(model: nn.Module) -> RMTBertPreTrainedModel:
     if rmt_class is None:
         supported = ", ".join(cls.__name__ for cls in TEACHER_TO_RMT)
         raise ValueError(f"RMT-KD's encoder surgery does not support {type(model).__name__}; supported: {supported}.")
-    fields = family_of(model).config_fields(model.config)
+    family = family_of(model)
+    fields = family.config_fields(model.config)
     _check_teacher_config(fields)
     config = rmt_class.config_class(**fields)
     config.architectures = [rmt_class.__name__]
     student = rmt_class(config).to(dtype=next(model.parameters()).dtype)
-    family = family_of(model)
     teacher_state = family.teacher_state(model)
     if family.zero_token_types:  # one token type whose row adds nothing
         name = f"{_prefix(model)}embeddings.token_type_embeddings.weight"
@@ -630,12 +634,7 @@ class BertSurgery:
         maximum = getattr(config, "max_position_embeddings", None) or 128
         if family_of(model).positions_after_padding:
             maximum -= (config.pad_token_id or 0) + 1
-        length = maximum if size is None else min(size, maximum)
-        generator = torch.Generator().manual_seed(0)
-        input_ids = torch.randint(1, config.vocab_size, (batch_size, length), generator=generator)
-        if config.pad_token_id is not None:  # no padding inside the timed rows
-            input_ids[input_ids == config.pad_token_id] = (config.pad_token_id + 1) % config.vocab_size
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        return random_token_inputs(config, batch_size, maximum if size is None else min(size, maximum))
 
     def hidden_state_bases(self, model: RMTBertPreTrainedModel, analyses) -> list[torch.Tensor]:
         """One (new width, old width) basis per entry of ``output_hidden_states`` (embeddings, then each layer's

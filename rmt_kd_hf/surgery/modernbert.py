@@ -33,16 +33,23 @@ from ..calibration import ActivationTap
 from ..models.rmt_bert.configuration_rmt_modernbert import RMT_MODERNBERT_FORMAT_VERSION, RMTModernBertConfig
 from ..models.rmt_bert.modeling_rmt_modernbert import MODERNBERT_CLASSES
 from ..spectral import CovarianceAccumulator
-from .base import Site, SiteAnalysis, StateRewriter, embedding_site, neuron_reduction, trace_normalised
-
-TEACHER_TO_RMT = dict(
-    zip(
-        (ModernBertModel, ModernBertForSequenceClassification, ModernBertForTokenClassification),
-        MODERNBERT_CLASSES[:3],
-        strict=True,
-    )
+from .base import (
+    Site,
+    SiteAnalysis,
+    StateRewriter,
+    embedding_site,
+    neuron_reduction,
+    random_token_inputs,
+    trace_normalised,
 )
-TEACHER_TO_RMT[ModernBertForQuestionAnswering] = MODERNBERT_CLASSES[3]
+
+TEACHER_CLASSES = (
+    ModernBertModel,
+    ModernBertForSequenceClassification,
+    ModernBertForTokenClassification,
+    ModernBertForQuestionAnswering,
+)
+TEACHER_TO_RMT = dict(zip(TEACHER_CLASSES, MODERNBERT_CLASSES, strict=True))
 
 
 def is_modernbert_family(model: nn.Module) -> bool:
@@ -228,13 +235,8 @@ class ModernBertSurgery:
 
     def example_inputs(self, model, batch_size: int, size: int | None = None) -> dict[str, torch.Tensor]:
         """Random token ids (batch_size, size) without padding and an all-ones mask."""
-        config = model.config
-        length = config.max_position_embeddings if size is None else min(size, config.max_position_embeddings)
-        generator = torch.Generator().manual_seed(0)
-        input_ids = torch.randint(0, config.vocab_size, (batch_size, length), generator=generator)
-        if config.pad_token_id is not None:
-            input_ids[input_ids == config.pad_token_id] = (config.pad_token_id + 1) % config.vocab_size
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        longest = model.config.max_position_embeddings
+        return random_token_inputs(model.config, batch_size, longest if size is None else min(size, longest))
 
 
 __all__ = ["ModernBertSurgery", "apply_modernbert_bases", "convert_modernbert_to_rmt", "is_modernbert_family"]
