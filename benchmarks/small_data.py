@@ -80,13 +80,14 @@ def run_one(work_dir: str, train_rows: int, seed: int) -> dict:
         "--do_predict",
         f"--seed={seed}",
     ]
+    teacher_cached = os.path.exists(os.path.join(output_dir, "checkpoint-teacher", "config.json"))
     start = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall_seconds = time.perf_counter() - start
     with open(os.path.join(output_dir, HISTORY_FILENAME)) as file:
         history = json.load(file)
     results = {}
-    for name in ("eval_results.json", "test_results.json", "teacher_test_results.json"):
+    for name in ("eval_results.json", "test_results.json", "teacher_test_results.json", "teacher_train_results.json"):
         with open(os.path.join(output_dir, name)) as file:
             results.update(json.load(file))
     stage = history["stages"][0] if history["stages"] else {}
@@ -110,6 +111,9 @@ def run_one(work_dir: str, train_rows: int, seed: int) -> dict:
         "vocabulary": history.get("vocabulary"),
         "stage_max_steps": history["config"]["stage_max_steps"],
         "wall_seconds": wall_seconds,
+        # a teacher fine-tuned by an earlier run into the same folder is loaded, not trained again
+        "teacher_cached": teacher_cached,
+        "teacher_train_seconds": results.get("teacher_train_runtime", results.get("train_runtime")),
         "command": shlex.join(command),
     }
 
