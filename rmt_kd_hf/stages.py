@@ -24,7 +24,7 @@ from .planning import CutSearch, judge_cut, paired_standard_error, stage_paramet
 from .reports import cpu_latency
 from .spectral_report import spectra_record
 from .surgery.base import count_parameters
-from .vocabulary import TokenIdRemapCollator, trainer_vocabulary, trim_embeddings
+from .vocabulary import TokenIdRemapCollator, WordResplitter, trainer_vocabulary, trim_embeddings
 
 logger = logging.get_logger(__name__)
 
@@ -86,9 +86,11 @@ class StageRunner:
         untrimmed = (trainer.model, trainer.processing_class, trainer.data_collator)
         if not resumed:
             self._set_model(trim_embeddings(copy.deepcopy(trainer.model), kept_token_ids))
-        self._set_tokenizer(
-            trimmed_tokenizer, TokenIdRemapCollator(trainer.data_collator, kept_token_ids, tokenizer.unk_token_id)
-        )
+        # evaluations read unseen words as the saved tokenizer splits them; rows that grow stay within the model
+        max_length = min(tokenizer.model_max_length, getattr(trainer.model.config, "max_position_embeddings", 512))
+        resplit = WordResplitter(tokenizer, trimmed_tokenizer, kept_token_ids, max_length)
+        collator = TokenIdRemapCollator(trainer.data_collator, kept_token_ids, tokenizer.unk_token_id, resplit=resplit)
+        self._set_tokenizer(trimmed_tokenizer, collator)
         if resumed:
             return
         (metric, correct), floor = trainer.validation_score(), history.floor

@@ -159,8 +159,8 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     """Parse ``argv``, fine-tune the teacher if its classifier is new, compress, evaluate; returns the metrics.
 
     The reported metrics are those of the folder the run saved, with the tokenizer saved there (the run's own
-    evaluations read the teacher tokenizer's ids through a remapping collator, which can split a few words
-    differently from the trimmed tokenizer a user loads)."""
+    evaluations read the teacher tokenizer's ids through a remapping collator, which splits unseen words as that
+    tokenizer does but cannot see words the run's truncation cut)."""
     model_args, data_args, training_args = parse_arguments(argv, prog)
     refuse_teacher_folder(training_args.output_dir, model_args.model_name_or_path)
     if training_args.do_train and not training_args.resume_from_checkpoint:

@@ -20,7 +20,7 @@ it. An unseen word is split with what is left: if some position has no matching 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -202,20 +202,126 @@ def dataset_token_ids(dataset, column: str = "input_ids", batch_size: int = 1000
     return used
 
 
-class TokenIdRemapCollator:
-    """Wraps a data collator so that batches of ids from the original tokenizer reach a trimmed model: ids it
-    dropped become ``[UNK]``.
+# per-token columns a re-split row can carry: each new piece repeats the value of its word's first piece
+_RESPLIT_COLUMNS = frozenset({"input_ids", "attention_mask", "token_type_ids", "special_tokens_mask"})
 
-    Inside a trainer the datasets keep the teacher tokenizer's ids; the trimmed tokenizer is what gets saved.
+
+class WordResplitter:
+    """Rows of original-vocabulary ids split as the trimmed tokenizer would split their text.
+
+    A word (a piece and the ``##`` pieces that follow it) holding a dropped token is tokenized again by the trimmed
+    WordPiece model: into kept pieces, or into ``[UNK]`` when some position has no kept piece, exactly as the trimmed
+    tokenizer treats that word. The pieces are given back as *original* ids (their place in ``kept_token_ids``), so
+    :class:`TokenIdRemapCollator` maps them on as any other kept id. Rows longer than ``max_length`` afterwards lose
+    pieces from the end of their longest segment (the tokenizer's ``longest_first`` truncation).
     """
 
-    def __init__(self, collator, kept_token_ids: Sequence[int], unk_token_id: int, column: str = "input_ids"):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        trimmed_tokenizer: PreTrainedTokenizerBase,
+        kept_token_ids: Sequence[int],
+        max_length: int | None = None,
+    ):
+        self._prefix = _wordpiece_model(tokenizer).continuing_subword_prefix
+        self._trimmed_model = _wordpiece_model(trimmed_tokenizer)
+        self._kept = list(kept_token_ids)
+        self._tokens = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
+        self._dropped = set(self._tokens) - set(self._kept)
+        self._special = set(tokenizer.all_special_ids)
+        self._unk = tokenizer.unk_token_id
+        self._words: dict[str, list[int]] = {}
+        self.max_length = max_length
+
+    def applies_to(self, feature) -> bool:
+        """Whether ``feature`` is a row this can re-split: a mapping whose per-token columns are all known (token
+        labels, for one, would lose their alignment)."""
+        if not isinstance(feature, Mapping) or "input_ids" not in feature:
+            return False
+        length = len(feature["input_ids"])
+        per_token = {key for key, value in feature.items() if _is_sequence(value) and len(value) == length}
+        return per_token <= _RESPLIT_COLUMNS
+
+    def _word_pieces(self, pieces: list[str]) -> list[int]:
+        text = pieces[0] + "".join(piece[len(self._prefix) :] for piece in pieces[1:])
+        if text not in self._words:
+            self._words[text] = [self._kept[token.id] for token in self._trimmed_model.tokenize(text)]
+        return self._words[text]
+
+    def __call__(self, feature: Mapping) -> dict:
+        ids = [int(token_id) for token_id in feature["input_ids"]]
+        if not self._dropped.intersection(ids):
+            return dict(feature)
+        columns = {key: list(feature[key]) for key in feature if key in _RESPLIT_COLUMNS}
+        rebuilt: dict[str, list] = {key: [] for key in columns}
+        position = 0
+        while position < len(ids):
+            end = position + 1
+            if ids[position] not in self._special:
+                while end < len(ids) and ids[end] not in self._special and self._continues(ids[end]):
+                    end += 1
+            span = ids[position:end]
+            pieces = span
+            word_start = not self._continues(span[0]) or span[0] in self._special
+            if word_start and self._dropped.intersection(span):
+                pieces = self._word_pieces([self._tokens.get(token_id, "") for token_id in span]) or [self._unk]
+            for key, values in columns.items():
+                rebuilt[key].extend(pieces if key == "input_ids" else [values[position]] * len(pieces))
+            position = end
+        self._truncate(rebuilt)
+        return {**feature, **rebuilt}
+
+    def _continues(self, token_id: int) -> bool:
+        return self._tokens.get(token_id, "").startswith(self._prefix)
+
+    def _truncate(self, columns: dict[str, list]) -> None:
+        ids = columns["input_ids"]
+        while self.max_length is not None and len(ids) > self.max_length:
+            segments, start = [], None
+            for index, token_id in enumerate([*ids, None]):
+                inside = token_id is not None and token_id not in self._special
+                if inside and start is None:
+                    start = index
+                elif not inside and start is not None:
+                    segments.append((index - start, index - 1))
+                    start = None
+            if not segments:
+                return
+            last = max(segments)[1]  # the last piece of the longest segment (of the later one on a tie)
+            for values in columns.values():
+                del values[last]
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.dim() == 1)
+
+
+class TokenIdRemapCollator:
+    """Wraps a data collator so that batches of ids from the original tokenizer reach a trimmed model.
+
+    Inside a trainer the datasets keep the teacher tokenizer's ids; the trimmed tokenizer is what gets saved. With a
+    ``resplit`` (:class:`WordResplitter`), words holding a dropped token are first split as the trimmed tokenizer
+    splits them, so that evaluations see what a user of the saved folder sees; without one (or for rows it cannot
+    re-split), dropped ids become ``[UNK]``.
+    """
+
+    def __init__(
+        self,
+        collator,
+        kept_token_ids: Sequence[int],
+        unk_token_id: int,
+        column: str = "input_ids",
+        resplit: WordResplitter | None = None,
+    ):
         self.collator = collator
         self.column = column
+        self.resplit = resplit
         self._lookup = _old_to_new_ids(kept_token_ids, unk_token_id)
         self._new_unk = int(self._lookup[unk_token_id])
 
     def __call__(self, features):
+        if self.resplit is not None and all(self.resplit.applies_to(feature) for feature in features):
+            features = [self.resplit(feature) for feature in features]
         batch = self.collator(features)
         if self.column in batch:
             batch[self.column] = _apply_lookup(torch.as_tensor(batch[self.column]), self._lookup, self._new_unk)
@@ -290,6 +396,7 @@ def trim_vocabulary(
 
 __all__ = [
     "TokenIdRemapCollator",
+    "WordResplitter",
     "dataset_token_ids",
     "remap_dataset_token_ids",
     "remap_token_ids",

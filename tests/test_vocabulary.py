@@ -151,3 +151,69 @@ def test_a_tokenized_dataset_is_remapped(tokenizer):
     trimmed = trim_tokenizer(tokenizer, kept)
     assert remapped[0]["input_ids"] == trimmed("a quiet film")["input_ids"]
     assert trimmed.convert_ids_to_tokens(remapped[1]["input_ids"]) == ["[CLS]", "[UNK]", "[UNK]", "[SEP]"]
+
+
+def fast_tokenizer():
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab={token: index for index, token in enumerate(VOCABULARY)})
+
+
+def rows_of(encoded) -> list[dict]:
+    return [{key: list(values[i]) for key, values in encoded.items()} for i in range(len(encoded["input_ids"]))]
+
+
+def test_the_remapping_collator_splits_unseen_words_as_the_trimmed_tokenizer_does():
+    from transformers import DataCollatorWithPadding
+
+    from rmt_kd_hf.vocabulary import TokenIdRemapCollator, WordResplitter
+
+    fast = fast_tokenizer()
+    kept = vocabulary_to_keep(fast, {i for ids in fast(["a quiet playing film"])["input_ids"] for i in ids})
+    trimmed = trim_tokenizer(fast, kept)
+    texts = ["a playful film", "zebra quietly", "the quiet movie", "plays"]
+    pairs = ["dull", "a film", "playful movies", "great"]
+    resplit = WordResplitter(fast, trimmed, kept)
+    collator = TokenIdRemapCollator(DataCollatorWithPadding(fast), kept, fast.unk_token_id, resplit=resplit)
+    for second in (None, pairs):
+        batch = collator(rows_of(fast(texts, second)))
+        expected = DataCollatorWithPadding(trimmed)(rows_of(trimmed(texts, second)))
+        for key in ("input_ids", "token_type_ids", "attention_mask"):
+            assert batch[key].tolist() == expected[key].tolist(), key
+    first_row = rows_of(fast(texts[:1]))
+    # "playful" = play ##ful; ##ful was dropped: play ##f ##u ##l, as the trimmed tokenizer spells it
+    assert trimmed.convert_ids_to_tokens(collator(first_row)["input_ids"][0]) == [
+        "[CLS]",
+        "a",
+        "play",
+        "##f",
+        "##u",
+        "##l",
+        "film",
+        "[SEP]",
+    ]
+    # without a resplit, or for rows it cannot re-split (token labels), a dropped id is [UNK]
+    plain = TokenIdRemapCollator(DataCollatorWithPadding(fast), kept, fast.unk_token_id)
+    assert trimmed.convert_ids_to_tokens(plain(first_row)["input_ids"][0]) == [
+        "[CLS]",
+        "a",
+        "play",
+        "[UNK]",
+        "film",
+        "[SEP]",
+    ]
+    assert not resplit.applies_to({**first_row[0], "labels": [0] * len(first_row[0]["input_ids"])})
+
+
+def test_a_resplit_row_longer_than_max_length_loses_pieces_as_the_trimmed_tokenizer_truncates():
+    from rmt_kd_hf.vocabulary import WordResplitter
+
+    fast = fast_tokenizer()
+    kept = vocabulary_to_keep(fast, {i for ids in fast(["a quiet playing film"])["input_ids"] for i in ids})
+    trimmed = trim_tokenizer(fast, kept)
+    row = rows_of(fast(["quietly film"], ["a"]))[0]  # [CLS] quiet ##ly film [SEP] a [SEP]; ##ly was dropped
+    resplit = WordResplitter(fast, trimmed, kept, max_length=7)(row)
+    expected = trimmed("quietly film", "a", truncation=True, max_length=7)
+    assert [kept[i] for i in expected["input_ids"]] == resplit["input_ids"]
+    assert fast.convert_ids_to_tokens(resplit["input_ids"]) == ["[CLS]", "quiet", "##l", "##y", "[SEP]", "a", "[SEP]"]
+    assert resplit["token_type_ids"] == expected["token_type_ids"]
