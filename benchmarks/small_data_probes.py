@@ -72,6 +72,7 @@ class Probe:
         self.calibration = [collator(rows[start : start + 32]) for start in range(0, len(rows), 32)]
         self.teacher_correct = self.correct(self.teacher)
         self.teacher_parameters = count_parameters(self.teacher)
+        self._sites: dict[str, tuple[int, str]] | None = None
 
     @torch.inference_mode()
     def correct(self, model, tokenizer=None):
@@ -79,13 +80,14 @@ class Probe:
             model, tokenizer or self.tokenizer, self.texts, self.labels, MAX_LENGTH
         ).numpy()
 
-    def record(self, probe: str, setting: dict, model, tokenizer=None) -> dict:
+    def record(self, probe: str, setting: dict, model, tokenizer=None, num_parameters: int | None = None) -> dict:
+        """One probe's row (printed as it is measured); ``num_parameters`` when ``model`` is not stored as counted."""
         correct = self.correct(model, tokenizer)
         difference = correct.mean() - self.teacher_correct.mean()
         row = {
             "probe": probe,
             **setting,
-            "num_parameters": count_parameters(model),
+            "num_parameters": count_parameters(model) if num_parameters is None else num_parameters,
             "validation_accuracy": float(correct.mean()),
             "difference_pt": 100 * float(difference),
             "standard_error_pt": 100 * paired_standard_error(correct, self.teacher_correct),
@@ -94,23 +96,29 @@ class Probe:
         return row
 
     def cut(self, quantile: float, kept_widths: dict[str, int] | None = None):
-        return compress_model(self.teacher, self.calibration, quantile, kept_widths=kept_widths, progress=False)
+        compressed, report = compress_model(
+            self.teacher, self.calibration, quantile, kept_widths=kept_widths, progress=False
+        )
+        self._sites = {name: (analysis.site.dim, analysis.site.kind) for name, analysis in report.analyses.items()}
+        return compressed, report
+
+    def sites(self) -> dict[str, tuple[int, str]]:
+        """``{site: (width, kind)}`` of the teacher, from the last cut (one at quantile 0.5 when none was made)."""
+        if self._sites is None:
+            self.cut(0.5)
+        return self._sites
 
 
 def probe_sites(probe: Probe, quantile: float) -> list[dict]:
-    compressed, report = probe.cut(quantile)
-    rows = [probe.record("sites", {"quantile": quantile, "whole": []}, compressed)]
-    dims = {name: analysis.site.dim for name, analysis in report.analyses.items()}
-    kinds = {name: analysis.site.kind for name, analysis in report.analyses.items()}
+    rows = [probe.record("sites", {"quantile": quantile, "whole": []}, probe.cut(quantile)[0])]
     for whole in (["embedding"], ["residual"], ["ffn"], ["embedding", "residual"]):
-        kept = {name: dims[name] for name in dims if kinds[name] in whole}
+        kept = {name: width for name, (width, kind) in probe.sites().items() if kind in whole}
         rows.append(probe.record("sites", {"quantile": quantile, "whole": whole}, probe.cut(quantile, kept)[0]))
     return rows
 
 
 def probe_embedding(probe: Probe, widths: list[int]) -> list[dict]:
-    _, report = probe.cut(0.5)
-    dims = {name: analysis.site.dim for name, analysis in report.analyses.items()}
+    dims = {name: width for name, (width, _) in probe.sites().items()}
     rows = []
     for width in widths:
         compressed, _ = probe.cut(0.5, {**dims, "embeddings": width})
@@ -138,9 +146,12 @@ def probe_vocabulary(probe: Probe, first_ids: list[int]) -> list[dict]:
         shared = copy.deepcopy(probe.teacher)
         with torch.no_grad():
             shared.get_input_embeddings().weight.copy_(table[nearest])
-        row = probe.record("vocabulary", {**setting, "unseen": "nearest kept row"}, shared)
-        row["num_parameters"] = count_parameters(trimmed)  # the shared table stores only the kept rows
-        rows.append(row)
+        # the shared table stores only the kept rows
+        rows.append(
+            probe.record(
+                "vocabulary", {**setting, "unseen": "nearest kept row"}, shared, None, count_parameters(trimmed)
+            )
+        )
     return rows
 
 
@@ -155,10 +166,9 @@ def probe_rank(probe: Probe, ranks: list[int]) -> list[dict]:
             low_rank.get_input_embeddings().weight.copy_(
                 (mean + (left[:, :rank] * singular[:rank]) @ right[:rank]).float()
             )
-        row = probe.record("rank", {"rank": rank}, low_rank)
         vocabulary, width = table.shape
-        row["num_parameters"] = probe.teacher_parameters - vocabulary * width + (vocabulary + width) * rank
-        rows.append(row)
+        factored = probe.teacher_parameters - vocabulary * width + (vocabulary + width) * rank
+        rows.append(probe.record("rank", {"rank": rank}, low_rank, None, factored))
     return rows
 
 

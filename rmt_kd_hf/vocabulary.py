@@ -262,8 +262,8 @@ class WordResplitter:
                     end += 1
             span = ids[position:end]
             pieces = span
-            word_start = not self._continues(span[0]) or span[0] in self._special
-            if word_start and self._dropped.intersection(span):
+            # special tokens are always kept; a span opening on a "##" piece is a word the truncation cut: [UNK]
+            if not self._continues(span[0]) and self._dropped.intersection(span):
                 pieces = self._word_pieces([self._tokens.get(token_id, "") for token_id in span]) or [self._unk]
             for key, values in columns.items():
                 rebuilt[key].extend(pieces if key == "input_ids" else [values[position]] * len(pieces))
