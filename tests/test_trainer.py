@@ -253,3 +253,47 @@ def test_load_best_model_at_end_keeps_each_stages_best_weights(tmp_path):
     without = make_trainer(tmp_path / "last", stage_max_steps=6, max_metric_drop=1.0, measure_latency=False)
     without.compress()
     assert "kept_step" not in without.compression_history["stages"][0]
+
+
+def test_masked_distillation_feeds_the_masked_batch_to_both_models(tmp_path, monkeypatch):
+    from transformers import BertTokenizerFast
+
+    import rmt_kd_hf.trainer as trainer_module
+    from rmt_kd_hf.augmentation import mask_random_tokens
+
+    from .conftest import TINY_VOCAB
+
+    masked_batches = []
+
+    def recording_mask(*args):
+        masked = mask_random_tokens(*args)
+        masked_batches.append(masked)
+        return masked
+
+    monkeypatch.setattr(trainer_module, "mask_random_tokens", recording_mask)
+    with pytest.raises(ValueError, match="distillation_mask_probability=0.3 needs a tokenizer with a mask token"):
+        make_trainer(tmp_path / "no_tokenizer", distillation_mask_probability=0.3).compress()
+    trainer = make_trainer(tmp_path, distillation_mask_probability=0.3, stage_max_steps=4, max_metric_drop=1.0)
+    trainer.processing_class = BertTokenizerFast(vocab=TINY_VOCAB)
+    seen = {"student": [], "teacher": []}
+    original_distil = trainer.distil
+
+    def distil_recording_inputs(student, teacher, bases=None):
+        for name, model in (("student", student), ("teacher", teacher)):
+            model.bert.embeddings.word_embeddings.register_forward_hook(
+                lambda module, inputs, output, name=name: seen[name].append(inputs[0].clone())
+            )
+        return original_distil(student, teacher, bases)
+
+    trainer.distil = distil_recording_inputs
+    trainer.compress()
+    assert len(masked_batches) == 4
+    mask_id = TINY_VOCAB["[MASK]"]
+    assert all((batch == mask_id).any() for batch in masked_batches)
+    # every training step: the student and the teacher read the same masked ids (evaluations read the rows as they are)
+    for name in ("student", "teacher"):
+        read = [batch.tolist() for batch in seen[name]]
+        assert all(batch.tolist() in read for batch in masked_batches)
+    evaluated = [batch for batch in seen["student"] if batch.shape == (64, 12)]  # per_device_eval_batch_size rows
+    assert evaluated and not any((batch == mask_id).any() for batch in evaluated)
+    assert trainer.compression_history["config"]["distillation_mask_probability"] == 0.3
