@@ -129,10 +129,6 @@ class RMTKDConfig(TrainingArguments):
         default=None,
         metadata={"help": "Weight of hidden-state distillation in the reduced basis (default: 1 for BERT; 0 = off)."},
     )
-    distillation_mask_probability: float = field(
-        default=0.0,
-        metadata={"help": "Chance that distillation masks each word of a training row (augmentation; 0 = off)."},
-    )
     max_metric_drop: float = field(
         default=0.01, metadata={"help": "Roll a stage back when the metric drops more than this below the teacher."}
     )
@@ -210,7 +206,6 @@ class RMTKDConfig(TrainingArguments):
             "distillation_temperature": 0.0 < self.distillation_temperature < math.inf,
             "hidden_distillation_weight": self.hidden_distillation_weight is None
             or 0.0 <= self.hidden_distillation_weight < math.inf,
-            "distillation_mask_probability": 0.0 <= self.distillation_mask_probability < 1.0,
             "max_metric_drop": 0.0 <= self.max_metric_drop < math.inf,
             "stage_max_steps": self.stage_max_steps >= 0,
             "stage_retries": self.stage_retries >= 0,
@@ -234,7 +229,6 @@ class RMTKDConfig(TrainingArguments):
             "distillation_alpha": "in [0, 1]",
             "distillation_temperature": "finite and > 0",
             "hidden_distillation_weight": "finite and >= 0, or None",
-            "distillation_mask_probability": "in [0, 1)",
             "max_metric_drop": "finite and >= 0 (1.0 never rolls back an accuracy)",
             "stage_max_steps": ">= 0",
             "stage_retries": ">= 0",

@@ -53,15 +53,6 @@ def check_compress_inputs(model: nn.Module, output_dir: str, train_dataset, proc
     check_label_range(train_dataset, getattr(model.config, "num_labels", None))
 
 
-def check_mask_token(mask_probability: float, processing_class) -> None:
-    """Masked distillation needs the tokenizer's mask token (and the trainer needs the tokenizer to find it)."""
-    if mask_probability > 0 and getattr(processing_class, "mask_token_id", None) is None:
-        raise ValueError(
-            f"distillation_mask_probability={mask_probability} needs a tokenizer with a mask token: pass the model's "
-            "tokenizer to the trainer as processing_class, or set distillation_mask_probability=0."
-        )
-
-
 def check_writable(output_dir: str) -> None:
     """Probe the nearest existing ancestor of ``output_dir`` with a temporary file: create nothing yet."""
     existing = os.path.abspath(output_dir)

@@ -47,7 +47,6 @@ RESUME_INVARIANTS = (
     "width_multiple",
     "factorize_word_embeddings",
     "hidden_distillation_weight",
-    "distillation_mask_probability",
     "trim_vocabulary",
     "load_best_model_at_end",
     "metric_for_best_model",

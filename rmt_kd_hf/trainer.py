@@ -20,7 +20,6 @@ from transformers import Trainer
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.utils import logging
 
-from .augmentation import mask_random_tokens
 from .calibration import plan_calibration
 from .callbacks import BestStageWeights
 from .checkpoint import load_checkpoint, output_lock, refuse_finished_output, refuse_teacher_folder, save_compressed
@@ -28,7 +27,7 @@ from .config import RMTKDConfig
 from .filenames import HISTORY_FILENAME, SPECTRA_FILENAME
 from .history import FinalRecord, RunHistory, StageStatus, TeacherRecord
 from .hub import run_provenance, weights_megabytes, write_model_card
-from .input_checks import check_compress_inputs, check_mask_token, hidden_distillation_weight
+from .input_checks import check_compress_inputs, hidden_distillation_weight
 from .losses import distillation_loss, hidden_state_loss
 from .planning import stop_rule_fired
 from .reports import latency_comparison
@@ -87,8 +86,6 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         features = {key: value for key, value in inputs.items() if key != "labels"}
-        if self.args.distillation_mask_probability > 0 and "input_ids" in features:
-            features["input_ids"] = self._masked_input_ids(features)
         hidden = self.hidden_distillation_weight > 0 and self._hidden_state_bases is not None
         outputs = model(**features, output_hidden_states=True) if hidden else model(**features)
         with torch.no_grad():
@@ -108,18 +105,6 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
                 features.get("attention_mask"),
             )
         return (loss, outputs) if return_outputs else loss
-
-    def _masked_input_ids(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``features["input_ids"]`` with each real token masked with ``distillation_mask_probability`` (both models
-        read the masked batch)."""
-        tokenizer = self.processing_class  # the trimmed one after a vocabulary trim: its ids are the batch's
-        return mask_random_tokens(
-            features["input_ids"],
-            features.get("attention_mask"),
-            tokenizer.mask_token_id,
-            tokenizer.all_special_ids,
-            self.args.distillation_mask_probability,
-        )
 
     # -- the compress-and-distil loop -------------------------------------------------------------------------
 
@@ -152,7 +137,6 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
         if resume_from_checkpoint is None:
             resume_from_checkpoint = args.resume_from_checkpoint
         check_compress_inputs(self.model, args.output_dir, self.train_dataset, self.processing_class)
-        check_mask_token(args.distillation_mask_probability, self.processing_class)
         checkpoint = checkpoint_to_resume(args.output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
         if checkpoint is None:
             refuse_finished_output(args.output_dir, args.overwrite_output_dir)
