@@ -151,7 +151,8 @@ def write_tables(results: dict) -> None:
     for rows in sorted({run["train_rows"] for run in results["runs"]}):
         runs = [run for run in results["runs"] if run["train_rows"] == rows]
         reduction = statistics.fmean(run["param_reduction"] for run in runs)
-        lines.append(f"\n{rows:,} rows: mean {100 * reduction:.1f}% of the parameters removed over {len(runs)} seeds.")
+        seeds = f"{len(runs)} seed{'s' * (len(runs) > 1)}"
+        lines.append(f"\n{rows:,} rows: mean {100 * reduction:.1f}% of the parameters removed over {seeds}.")
     lines += [
         "",
         "Every cut each run tried (σ² quantile; the metric at the screening evaluation; the validation accuracy after "
