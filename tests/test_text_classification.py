@@ -92,7 +92,7 @@ def test_the_saved_tokenizer_loads_without_a_prompt(finished_cli_run, where):
 
 @pytest.mark.parametrize(
     ("rows", "steps", "fraction"),
-    [(600, 1_800, 1.0), (200, 600, 1.0), (2_000, 1_800, 0.4), (9_000, 1_800, 0.1), (8, 30, 1.0)],
+    [(600, 1_800, 1.0), (200, 600, 1.0), (2_000, 6_000, 0.4), (9_000, 6_000, 0.1), (8, 30, 1.0)],
 )
 def test_the_command_lines_small_data_defaults_follow_the_training_rows(rows, steps, fraction, tmp_path):
     from rmt_kd_hf import RMTKDConfig
