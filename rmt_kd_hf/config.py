@@ -48,6 +48,11 @@ class RMTKDConfig(TrainingArguments):
             before the stage, projected into the stage's reduced basis `B` (BERT only). `None` (default): 1.0 for
             BERT encoders (it won on validation in `benchmarks/results/frontier_sweep.md`), off for the others;
             0 turns it off.
+        teacher_output_cache_mb (`float`, defaults to `1024`):
+            Memory for the frozen teacher's logits and hidden states of the training rows during a distillation
+            that passes over its training set more than once: later epochs read them instead of running the teacher
+            (a third of a step on a CPU). Outputs read back match the teacher's up to float rounding (the row was
+            run in a batch of another length). 0 turns it off.
         max_metric_drop (`float`, defaults to `0.01`):
             A stage is rolled back when its validation metric falls more than this below the teacher's
             (absolute: 0.01 = one accuracy point).
@@ -129,6 +134,10 @@ class RMTKDConfig(TrainingArguments):
         default=None,
         metadata={"help": "Weight of hidden-state distillation in the reduced basis (default: 1 for BERT; 0 = off)."},
     )
+    teacher_output_cache_mb: float = field(
+        default=1024,
+        metadata={"help": "Memory (MB) for the teacher's outputs of rows distilled on more than once (0: off)."},
+    )
     max_metric_drop: float = field(
         default=0.01, metadata={"help": "Roll a stage back when the metric drops more than this below the teacher."}
     )
@@ -206,6 +215,7 @@ class RMTKDConfig(TrainingArguments):
             "distillation_temperature": 0.0 < self.distillation_temperature < math.inf,
             "hidden_distillation_weight": self.hidden_distillation_weight is None
             or 0.0 <= self.hidden_distillation_weight < math.inf,
+            "teacher_output_cache_mb": 0.0 <= self.teacher_output_cache_mb < math.inf,
             "max_metric_drop": 0.0 <= self.max_metric_drop < math.inf,
             "stage_max_steps": self.stage_max_steps >= 0,
             "stage_retries": self.stage_retries >= 0,
@@ -229,6 +239,7 @@ class RMTKDConfig(TrainingArguments):
             "distillation_alpha": "in [0, 1]",
             "distillation_temperature": "finite and > 0",
             "hidden_distillation_weight": "finite and >= 0, or None",
+            "teacher_output_cache_mb": "finite and >= 0 (0: off)",
             "max_metric_drop": "finite and >= 0 (1.0 never rolls back an accuracy)",
             "stage_max_steps": ">= 0",
             "stage_retries": ">= 0",

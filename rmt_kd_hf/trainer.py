@@ -43,6 +43,7 @@ from .stage_checkpoints import (
 from .stages import StageRunner, stage_schedule, stop_rule_latency
 from .surgery import get_surgery
 from .surgery.base import count_parameters
+from .teacher_outputs import TeacherOutputCache, cache_bytes_for
 from .trainer_state import SafetensorsTrainerStateMixin
 
 logger = logging.get_logger(__name__)
@@ -73,6 +74,7 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
         self.teacher_model: nn.Module | None = None
         self.history: RunHistory | None = None
         self._hidden_state_bases: list[torch.Tensor] | None = None
+        self._teacher_outputs = TeacherOutputCache(0)
         self._stage_spectra: dict[int, dict] = {}
         self._keep_evaluated_rows, self._evaluated_rows = False, None
 
@@ -89,10 +91,10 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
         hidden = self.hidden_distillation_weight > 0 and self._hidden_state_bases is not None
         outputs = model(**features, output_hidden_states=True) if hidden else model(**features)
         with torch.no_grad():
-            teacher_outputs = self.teacher_model(**features, output_hidden_states=hidden)
+            teacher_logits, teacher_states = self._teacher_outputs.outputs(self.teacher_model, features, hidden)
         loss = distillation_loss(
             outputs.logits,
-            teacher_outputs.logits,
+            teacher_logits,
             labels,
             self.args.distillation_alpha,
             self.args.distillation_temperature,
@@ -100,7 +102,7 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
         if hidden:
             loss = loss + self.hidden_distillation_weight * hidden_state_loss(
                 outputs.hidden_states,
-                teacher_outputs.hidden_states,
+                teacher_states,
                 self._hidden_state_bases,
                 features.get("attention_mask"),
             )
@@ -269,10 +271,24 @@ class RMTKDTrainer(SafetensorsTrainerStateMixin, Trainer):
         # mid-stage one could not be resumed into another width; stage checkpoints replace them)
         user_args, self.args = self.args, copy.copy(self.args)
         self.args.max_steps, self.args.save_strategy = user_args.stage_max_steps, SaveStrategy.NO
+        rows_per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        num_rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else 0
+        cache_bytes = cache_bytes_for(self.args.teacher_output_cache_mb, self.args.max_steps, rows_per_step, num_rows)
+        self._teacher_outputs = TeacherOutputCache(cache_bytes)
         try:
             self.train()
         finally:
             self.args = user_args
+            cache = self._teacher_outputs
+            if cache.max_bytes:
+                logger.info(
+                    "Teacher outputs read from memory for %d of %d batches (%d rows, %.0f MB).",
+                    cache.hits,
+                    cache.hits + cache.misses,
+                    len(cache),
+                    cache.used_bytes / 2**20,
+                )
+            self._teacher_outputs = TeacherOutputCache(0)  # its rows belong to this teacher only
             self.teacher_model.requires_grad_(True)
             self._hidden_state_bases = None
             if keep_best is not None:
