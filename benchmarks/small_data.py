@@ -135,13 +135,14 @@ def write_tables(results: dict) -> None:
         "Command: `python benchmarks/small_data.py --work_dir outputs/small_data`; each run's own command is in "
         "`small_data.json`.",
         "",
-        "| train rows | seed | params removed | teacher val | val | Δ val (pt) | teacher test | test | Δ test (pt) "
-        "| tries | minutes (teacher) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| train rows | seed | steps a cut | vocabulary trim | params removed | teacher val | val | Δ val (pt) "
+        "| teacher test | test | Δ test (pt) | tries | minutes (teacher) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in sorted(results["runs"], key=lambda run: (run["train_rows"], run["seed"])):
         lines.append(
-            f"| {run['train_rows']:,} | {run['seed']} | {100 * run['param_reduction']:.1f}% "
+            f"| {run['train_rows']:,} | {run['seed']} | {run.get('stage_max_steps') or 0:,} "
+            f"| {_vocabulary_cell(run.get('vocabulary'))} | {100 * run['param_reduction']:.1f}% "
             f"| {100 * run['teacher_validation_accuracy']:.2f} | {100 * run['validation_accuracy']:.2f} "
             f"| {100 * (run['validation_accuracy'] - run['teacher_validation_accuracy']):+.2f} "
             f"| {100 * run['teacher_test_accuracy']:.2f} | {100 * run['test_accuracy']:.2f} "
@@ -152,7 +153,9 @@ def write_tables(results: dict) -> None:
         runs = [run for run in results["runs"] if run["train_rows"] == rows]
         reduction = statistics.fmean(run["param_reduction"] for run in runs)
         seeds = f"{len(runs)} seed{'s' * (len(runs) > 1)}"
-        lines.append(f"\n{rows:,} rows: mean {100 * reduction:.1f}% of the parameters removed over {seeds}.")
+        steps = sorted({run.get("stage_max_steps") or 0 for run in runs})
+        mixed = f" (mixed: {' and '.join(f'{step:,}' for step in steps)} steps a cut)" if len(steps) > 1 else ""
+        lines.append(f"\n{rows:,} rows: mean {100 * reduction:.1f}% of the parameters removed over {seeds}{mixed}.")
     lines += [
         "",
         "Every cut each run tried (σ² quantile; the metric at the screening evaluation; the validation accuracy after "
@@ -174,6 +177,15 @@ def _teacher_minutes(run: dict) -> str:
     if seconds is None:
         return "?"
     return f"{seconds / 60:.1f}{', cached' if run.get('teacher_cached') else ''}"
+
+
+def _vocabulary_cell(vocabulary: dict | None) -> str:
+    """The trim's outcome: the tokens kept, or undone (judged alone below the floor), or none made."""
+    if not vocabulary:
+        return "—"
+    if vocabulary.get("undone"):
+        return "undone"
+    return f"{vocabulary['kept_size']:,} of {vocabulary['teacher_size']:,} tokens"
 
 
 def _try_cells(entry: dict, run: dict) -> str:

@@ -65,6 +65,8 @@ def test_the_small_data_tables_list_every_try_with_its_verdict(tmp_path, monkeyp
         "wall_seconds": 2226.0,
         "teacher_cached": True,
         "teacher_train_seconds": 792.0,
+        "stage_max_steps": 1800,
+        "vocabulary": {"teacher_size": 30522, "kept_size": 3882, "undone": "accuracy 0.7 < floor 0.76"},
         "tries": [
             {
                 "sigma_quantile": 0.5,
@@ -85,6 +87,14 @@ def test_the_small_data_tables_list_every_try_with_its_verdict(tmp_path, monkeyp
     }
     small_data.write_tables({"runs": [run]})
     table = (tmp_path / "small_data.md").read_text()
-    assert "| 600 | 0 | 37.9% | 77.31 | 76.58 | -0.73 | 76.37 | 77.63 | +1.26 | 2 | 37.1 (13.2, cached) |" in table
+    assert (
+        "| 600 | 0 | 1,800 | undone | 37.9% | 77.31 | 76.58 | -0.73 | 76.37 | 77.63 | +1.26 | 2 | 37.1 (13.2, cached) |"
+        in table
+    )
+    kept = {**run, "seed": 1, "stage_max_steps": 6000, "vocabulary": {"teacher_size": 30522, "kept_size": 7539}}
+    small_data.write_tables({"runs": [run, kept]})
+    table = (tmp_path / "small_data.md").read_text()
+    assert "| 600 | 1 | 6,000 | 7,539 of 30,522 tokens | 37.9% |" in table
+    assert "600 rows: mean 37.9% of the parameters removed over 2 seeds (mixed: 1,800 and 6,000 steps a cut)." in table
     assert "| 600 | 0 | 0.5 | 7,813,526 | 60.00 | — | — | screened out |" in table
     assert "| 600 | 0 | 0.25 | 14,096,358 | 74.75 | 76.58 | -0.73 ± 0.69 | accepted |" in table
