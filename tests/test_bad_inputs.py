@@ -204,6 +204,8 @@ BAD_CONFIG_VALUES = [
     ("distillation_temperature", 0.0, "distillation_temperature must be finite and > 0"),
     ("hidden_distillation_weight", float("inf"), "hidden_distillation_weight must be finite and >= 0"),
     ("hidden_distillation_weight", -1.0, "hidden_distillation_weight must be finite and >= 0"),
+    ("teacher_output_cache_mb", -1.0, "teacher_output_cache_mb must be finite and >= 0"),
+    ("teacher_output_cache_mb", float("inf"), "teacher_output_cache_mb must be finite and >= 0"),
     ("max_metric_drop", float("inf"), "max_metric_drop must be finite and >= 0"),
     ("max_metric_drop", -0.1, "max_metric_drop must be finite and >= 0"),
     ("max_stages", 0, "max_stages must be >= 1 or None"),

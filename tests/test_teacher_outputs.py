@@ -2,10 +2,9 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from rmt_kd_hf import RMTKDConfig
 from rmt_kd_hf.teacher_outputs import TeacherOutputCache, cache_bytes_for
 
-from .conftest import QUIET_CPU_ARGS, make_batches, make_trainer, tiny_bert_config
+from .conftest import make_batches, make_trainer, tiny_bert_config
 
 
 class CountingTeacher(torch.nn.Module):
@@ -138,8 +137,3 @@ def test_distillation_over_several_epochs_runs_the_teacher_once_a_row_and_trains
     assert results[64][1] == [(40, 20)]  # the first epoch runs the teacher, the next two read its outputs
     for name, tensor in results[0][0].items():
         torch.testing.assert_close(results[64][0][name], tensor, atol=1e-5, rtol=1e-5, msg=name)
-
-
-def test_the_cache_size_is_checked():
-    with pytest.raises(ValueError, match="teacher_output_cache_mb"):
-        RMTKDConfig(output_dir="unused", teacher_output_cache_mb=-1, **QUIET_CPU_ARGS)
