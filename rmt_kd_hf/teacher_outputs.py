@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 
 class TeacherOutputCache:
@@ -42,7 +44,7 @@ class TeacherOutputCache:
         """The teacher's ``(batch, num_labels)`` logits and, with ``output_hidden_states``, its per-layer
         ``(batch, seq, width)`` hidden states (zeros at padded positions when answered from memory) for
         ``features``; call it under ``torch.no_grad()``."""
-        keys = self._row_keys(features) if self.max_bytes > 0 else None
+        keys, lengths = self._row_keys(features) if self.max_bytes > 0 else (None, None)
         if keys is not None:
             kept = [self._rows.get(key) for key in keys]
             if all(entry is not None and (entry[1] is not None or not output_hidden_states) for entry in kept):
@@ -53,34 +55,37 @@ class TeacherOutputCache:
         logits = teacher_outputs.logits
         states = tuple(teacher_outputs.hidden_states) if output_hidden_states else None
         if keys is not None:
-            self._keep(keys, features["attention_mask"], logits, states)
+            self._keep(keys, lengths, logits, states)
         return logits, states
 
-    def _row_keys(self, features: Mapping[str, torch.Tensor]) -> list[bytes] | None:
-        """One key a row (its real tokens in every feature), or ``None`` when the batch cannot be kept."""
+    def _row_keys(self, features: Mapping[str, torch.Tensor]) -> tuple[list[bytes] | None, list[int] | None]:
+        """One key a row (its real tokens in every feature) and the rows' real lengths, or ``(None, None)`` when
+        the batch cannot be kept."""
         mask = features.get("attention_mask")
         if mask is None or "input_ids" not in features or mask.dim() != 2:
-            return None
+            return None, None
         if any(not torch.is_tensor(value) or value.shape != mask.shape for value in features.values()):
-            return None
+            return None, None
         lengths = mask.sum(dim=1)
         positions = torch.arange(mask.shape[1], device=mask.device)
         if not torch.equal(mask.bool(), positions[None, :] < lengths[:, None]):  # not right-padded
-            return None
+            return None, None
+        lengths = lengths.tolist()
         columns = [features[name].cpu() for name in sorted(features)]
-        return [
+        keys = [
             b"".join(column[index, :length].numpy().tobytes() for column in columns)
-            for index, length in enumerate(lengths.tolist())
+            for index, length in enumerate(lengths)
         ]
+        return keys, lengths
 
     def _keep(
         self,
         keys: list[bytes],
-        mask: torch.Tensor,
+        lengths: list[int],
         logits: torch.Tensor,
         states: tuple[torch.Tensor, ...] | None,
     ) -> None:
-        for index, (key, length) in enumerate(zip(keys, mask.sum(dim=1).tolist(), strict=True)):
+        for index, (key, length) in enumerate(zip(keys, lengths, strict=True)):
             previous = self._rows.get(key)
             if previous is not None and (previous[1] is not None or states is None):
                 continue
@@ -103,11 +108,8 @@ class TeacherOutputCache:
             return logits, None
         states = []
         for layer in range(len(kept[0][1])):
-            first = kept[0][1][layer]
-            padded = first.new_zeros((len(kept), seq_length, first.shape[-1]))
-            for index, (_, row_states) in enumerate(kept):
-                padded[index, : row_states[layer].shape[0]] = row_states[layer]
-            states.append(padded)
+            padded = pad_sequence([row_states[layer] for _, row_states in kept], batch_first=True)
+            states.append(F.pad(padded, (0, 0, 0, seq_length - padded.shape[1])))  # to the batch's length
         return logits, tuple(states)
 
 
