@@ -31,14 +31,19 @@ def parse_dataclass_arguments(dataclass_types: tuple, argv: Sequence[str] | None
 
 
 def setup_logging(training_args, logger: logging.Logger) -> None:
-    """Log to stdout at the level ``training_args`` gives this process (main process: ``log_level``)."""
+    """Log to stdout at the level ``training_args`` gives this process, as transformers' ``run_glue.py``: the main
+    process at ``log_level`` (``"passive"``: info), the others at ``log_level_replica``. The level reaches the
+    script's ``logger``, datasets, transformers and this package (whose loggers are not under transformers')."""
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()  # what "passive" resolves to on the main process
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
+    logging.getLogger(__name__.split(".")[0]).setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
 
