@@ -65,24 +65,25 @@ class ScreenCandidate(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.at_step:
             control.should_evaluate = True
-            self._random_states = _random_states()
+            self._random_states = random_states()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.global_step != self.at_step or self.screened_metric is not None or self.metric_key not in metrics:
             return
         # the evaluation must not move the generators: a cut that passes trains on as it would unscreened
-        _restore_random_states(self._random_states)
+        restore_random_states(self._random_states)
         self.screened_metric = float(metrics[self.metric_key])
         if not self.screened_metric >= self.threshold:  # NaN included
             self.stopped = control.should_training_stop = True
 
 
-def _random_states() -> tuple:
+def random_states() -> tuple:
+    """The Python, numpy, torch (and CUDA) random generators' states, for :func:`restore_random_states`."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
 
 
-def _restore_random_states(states: tuple) -> None:
+def restore_random_states(states: tuple) -> None:
     python, numpy_state, torch_state, cuda = states
     random.setstate(python)
     np.random.set_state(numpy_state)

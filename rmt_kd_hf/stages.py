@@ -16,7 +16,7 @@ from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.utils import logging
 
 from .calibration import collect_covariances
-from .callbacks import ScreenCandidate
+from .callbacks import ScreenCandidate, random_states, restore_random_states
 from .checkpoint import first_names, non_finite_tensors
 from .compression import analyse_sites, cuts_nothing, plan_stage, plan_stage_for_budget, refit_sites, refuse_empty_sites
 from .history import CutOutcome, RunHistory, StageRecord, StageStatus, StageTry
@@ -136,6 +136,10 @@ class StageRunner:
         if cuts_nothing(analyses, stage_names):
             skipped = CutOutcome(StageStatus.SKIPPED, NOTHING_TO_CUT, seconds=time.perf_counter() - start)
             return StageRecord.from_cut(index, quantile, analyses, stage_names, skipped)
+        # every try distils from these generator states: a later try trains as a run started at its quantile would
+        # (whose calibration has drawn from the generators as this one's did), and its result does not depend on
+        # the tries before it
+        distillation_start = random_states()
         candidate, outcome = self._cut_and_judge(previous, analyses)
         record = StageRecord.from_cut(index, quantile, analyses, stage_names, outcome)
         tries = [StageTry.from_outcome(quantile, outcome)]
@@ -147,13 +151,13 @@ class StageRunner:
             if search.settled:
                 break
             try_quantile = search.next_quantile()
-            self._seed(index)  # every try from the same state, as a resumed run would redo it
             refitted = refit_sites(fitted, try_quantile, args.mp_refine, args.sigma_quantile_shifts)
             analyses = plan_stage(refitted, stage_names, args.min_width)
             if cuts_nothing(analyses, stage_names):
                 search.record(try_quantile, accepted=True)  # nothing to cut this mildly: try stronger
                 tries.append(StageTry(StageStatus.SKIPPED, NOTHING_TO_CUT, sigma_quantile=try_quantile))
                 continue
+            restore_random_states(distillation_start)
             candidate, outcome = self._cut_and_judge(previous, analyses)
             tries.append(StageTry.from_outcome(try_quantile, outcome))
             search.record(try_quantile, outcome.accepted)

@@ -99,6 +99,20 @@ def test_the_accuracy_target_searches_stronger_cuts_after_one_that_passes(tmp_pa
     assert all(entry["num_parameters"] > 0.4 * holder["teacher_parameters"] for entry in accepted)
 
 
+def test_a_later_try_trains_exactly_as_a_run_started_at_its_quantile(tmp_path):
+    # the kept cut of a search can be rebuilt alone: --sigma_quantile=<kept> --stage_retries=0 gives the same weights
+    quick = dict(stage_max_steps=40, target_metric_drop=0.5, screening_fraction=0.0)
+    searched = make_trainer(tmp_path / "search", sigma_quantile=0.2, stage_retries=1, **quick)
+    searched_model = searched.compress()
+    stage = searched.compression_history["stages"][0]
+    assert [entry["sigma_quantile"] for entry in stage["tries"]] == [0.2, 0.6] and stage["sigma_quantile"] == 0.6
+    alone = make_trainer(tmp_path / "alone", sigma_quantile=0.6, stage_retries=0, **quick)
+    alone_model = alone.compress()
+    assert alone.compression_history["stages"][0]["num_parameters"] == stage["num_parameters"]
+    for name, weight in alone_model.state_dict().items():
+        torch.testing.assert_close(searched_model.state_dict()[name], weight, rtol=0, atol=0, msg=name)
+
+
 def test_a_hopeless_cut_is_screened_out_early(tmp_path):
     holder, steps = {}, []
 
