@@ -84,11 +84,21 @@ def run_one(work_dir: str, train_rows: int, seed: int) -> dict:
     start = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall_seconds = time.perf_counter() - start
+    return collect_run(output_dir, train_rows, seed, command, wall_seconds, teacher_cached)
+
+
+def collect_run(
+    output_dir: str, train_rows: int, seed: int, command: list[str], wall_seconds: float, teacher_cached: bool
+) -> dict:
+    """The JSON entry of one finished ``rmt-kd compress`` run, read from its ``output_dir``."""
     with open(os.path.join(output_dir, HISTORY_FILENAME)) as file:
         history = json.load(file)
     results = {}
     for name in ("eval_results.json", "test_results.json", "teacher_test_results.json", "teacher_train_results.json"):
-        with open(os.path.join(output_dir, name)) as file:
+        path = os.path.join(output_dir, name)
+        if name == "teacher_train_results.json" and not os.path.exists(path):
+            continue  # a teacher loaded from checkpoint-teacher was not trained by this run
+        with open(path) as file:
             results.update(json.load(file))
     stage = history["stages"][0] if history["stages"] else {}
     teacher_parameters = history["teacher"]["num_parameters"]
@@ -174,8 +184,8 @@ def write_tables(results: dict) -> None:
 def _teacher_minutes(run: dict) -> str:
     """The teacher's fine-tuning time, marked when the run loaded it from an earlier run (its minutes exclude it)."""
     seconds = run.get("teacher_train_seconds")
-    if seconds is None:
-        return "?"
+    if seconds is None:  # a teacher loaded from a folder whose run's train results are gone
+        return "cached" if run.get("teacher_cached") else "?"
     return f"{seconds / 60:.1f}{', cached' if run.get('teacher_cached') else ''}"
 
 

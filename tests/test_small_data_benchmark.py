@@ -98,3 +98,22 @@ def test_the_small_data_tables_list_every_try_with_its_verdict(tmp_path, monkeyp
     assert "600 rows: mean 37.9% of the parameters removed over 2 seeds (mixed: 1,800 and 6,000 steps a cut)." in table
     assert "| 600 | 0 | 0.5 | 7,813,526 | 60.00 | — | — | screened out |" in table
     assert "| 600 | 0 | 0.25 | 14,096,358 | 74.75 | 76.58 | -0.73 ± 0.69 | accepted |" in table
+
+
+def test_a_run_that_loaded_its_teacher_is_collected_without_the_teachers_train_results(tmp_path):
+    history = {
+        "teacher": {"num_parameters": 100, "eval_accuracy": 0.8},
+        "final": {"num_parameters": 40},
+        "stages": [{"status": "accepted", "sigma_quantile": 0.375, "paired_standard_error": 0.007}],
+        "config": {"stage_max_steps": 1800},
+    }
+    (tmp_path / small_data.HISTORY_FILENAME).write_text(json.dumps(history))
+    for name, results in {
+        "eval_results.json": {"eval_accuracy": 0.79},
+        "test_results.json": {"test_accuracy": 0.81},
+        "teacher_test_results.json": {"teacher_test_accuracy": 0.8},
+    }.items():
+        (tmp_path / name).write_text(json.dumps(results))
+    run = small_data.collect_run(str(tmp_path), 600, 0, ["rmt-kd", "compress"], 1596.0, teacher_cached=True)
+    assert run["param_reduction"] == 0.6 and run["validation_accuracy"] == 0.79 and run["test_accuracy"] == 0.81
+    assert run["teacher_train_seconds"] is None and small_data._teacher_minutes(run) == "cached"
