@@ -246,6 +246,11 @@ def apply_command_line_defaults(training_args: RMTKDConfig, argv: list[str] | No
       training set; 10% of a larger one, as ``RMTKDConfig``), because the fraction of a small set is too few tokens
       for the spectra: on 600 movie-review rows, 60 rows (1,541 tokens for 384 dimensions) gave 73.81% validation
       accuracy at σ² quantile 0.25 where all 600 rows gave 75.74% (benchmarks/results/small_data.md).
+
+    The batch size (the Trainer's 8 per device) and the evaluation (none during distillation: validation is read at
+    the screening step and at the end of each cut, whose last step's weights are kept) do not change with the size
+    of the training set: the steps rule counts passes over it, and a validation score that picked a cut's step would
+    flatter the floor's verdict on it.
     """
     given = given_options(sys.argv[1:] if argv is None else argv)
     if not given & {"target_metric_drop", "max_metric_drop", "target_parameter_ratio", "target_latency_ratio"}:
